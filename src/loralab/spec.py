@@ -1,0 +1,122 @@
+"""The one schema: training, data and generation settings shared by the CLI, YAML, API and engine."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+DataFormat = Literal["auto", "alpaca", "chat", "sharegpt", "text", "preference"]
+Method = Literal["lora", "full"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(_Strict):
+    path: str = Field(description="Dataset file: JSONL, JSON array, CSV or Parquet (UTF-8).")
+    format: DataFormat = Field(
+        "auto", description="Row layout; 'auto' detects alpaca, chat, sharegpt, text or preference."
+    )
+    validation_split: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Fraction of rows held out for evaluation (0 = none). Seeded by `seed`.",
+    )
+    max_rows: int | None = Field(None, ge=1, description="Use only the first N rows.")
+
+
+class LoraSpec(_Strict):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank: size of the low-rank update matrices.")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator; the update is scaled by lora_alpha / r.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Modules that get LoRA: 'all-linear' or names such as q_proj,v_proj.",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str) and "," in value:
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class TrainSpec(_Strict):
+    """Everything a fine-tuning run needs; stored as spec.json in its run directory."""
+
+    base_model: str = Field(
+        EMBEDDED_MODEL,
+        description="Base model: 'smollm2-135m-instruct' (embedded), a Hugging Face id, a local model directory or a .gguf file.",
+    )
+    data: DataSpec
+    method: Method = Field("lora", description="'lora' trains adapters (PEFT); 'full' trains every weight.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of AdamW.")
+    num_train_epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training rows.")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1 = use epochs).")
+    per_device_train_batch_size: int = Field(4, ge=1, le=4096, description="Examples per step on each device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Steps whose gradients are summed before an update.")
+    max_seq_length: int = Field(512, ge=8, le=131072, description="Longer examples are truncated to this many tokens.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, lt=1.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Random seed for data order, split and initialisation.")
+    packing: bool = Field(
+        True,
+        description="Padding-free batches: examples are concatenated with attention kept inside each one.",
+    )
+    assistant_only_loss: bool = Field(True, description="Train on assistant tokens only (chat and alpaca rows).")
+    precision: Precision = Field("auto", description="'auto' picks bf16/fp16 on capable GPUs, fp32 on CPUs.")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Recompute activations to save memory; 'auto' turns it on only when memory is short."
+    )
+    logging_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
+    save_steps: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0 = only at the end and on cancel).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept in the run directory.")
+    resume_from: str | None = Field(
+        None, description="Continue training from this adapter directory (PEFT format)."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train; 'auto' uses a GPU when present.")
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "TrainSpec":
+        if self.method == "full" and self.resume_from:
+            raise ValueError("resume_from continues a LoRA adapter; it cannot be combined with method='full'")
+        return self
+
+
+class GenerateSpec(_Strict):
+    """Sampling settings for one generation."""
+
+    max_new_tokens: int = Field(128, ge=1, le=8192, description="Upper bound on generated tokens.")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy decoding; higher = more random.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens with this total probability.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=5.0, description="Above 1 discourages repeating tokens.")
+    seed: int | None = Field(None, description="Seed for sampling (greedy ignores it).")
+    stop: list[str] = Field(default_factory=list, description="Stop generating at any of these strings.")
+
+
+def apply_overrides(raw: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides (dotted keys reach nested sections) to a raw spec dict."""
+    import yaml
+
+    out = dict(raw)
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    return out
