@@ -1,0 +1,44 @@
+"""The FastAPI application: `create_app(settings)` wires services, routers, auth and error responses."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from loralab import __version__
+from loralab.services.context import Services, open_services
+from loralab.services.errors import LoralabError
+from loralab.settings import Settings
+
+
+def error_response(exc: LoralabError) -> JSONResponse:
+    body = {"detail": exc.message, "code": exc.code, "param": exc.param}
+    if exc.errors:
+        body["errors"] = exc.errors
+    return JSONResponse(body, status_code=exc.status)
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    """Build the API app over the database named by `settings` (OpenAPI docs at /docs)."""
+    from loralab.api.routes import datasets, generate, models, system, training, ws
+
+    svc = services or open_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if services is None:
+            svc.close()
+
+    app = FastAPI(title="loralab", version=__version__, lifespan=lifespan,
+                  description="Fine-tune open LLMs with LoRA: datasets, training jobs, live progress, registry, generation.")
+    app.state.services = svc
+
+    @app.exception_handler(LoralabError)
+    async def _loralab_error(_request: Request, exc: LoralabError):
+        return error_response(exc)
+
+    for module in (system, datasets, training, models, generate, ws):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,78 @@
+"""Device, precision and thread choices made from the hardware actually present."""
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cpu", "cuda" or "mps"
+    dtype: str  # "fp32", "bf16" or "fp16": the training compute precision
+    threads: int
+
+
+def physical_cores() -> int:
+    """Cores available to this process (affinity-aware); hyper-threads don't speed up matmul."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False) or 1
+    except Exception:  # psutil missing or unsupported platform
+        cores = os.cpu_count() or 1
+    try:
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        pass
+    return max(1, cores)
+
+
+def choose_placement(device: str = "auto", precision: str = "auto") -> Placement:
+    """Pick device and precision: bf16 (or fp16) on capable GPUs, fp32 on CPUs without native bf16."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA GPU is available; use device='auto' or 'cpu'")
+    if precision == "auto":
+        if device == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            # Autocast to bf16/fp16 on a CPU without native support is emulated and many times slower.
+            precision = "fp32"
+    if device == "cpu" and precision != "fp32":
+        raise ValueError(
+            f"precision={precision!r} on the CPU would be emulated and very slow; use precision='fp32' or 'auto'"
+        )
+    threads = physical_cores() if device == "cpu" else torch.get_num_threads()
+    return Placement(device, precision, threads)
+
+
+def apply_threads(placement: Placement) -> None:
+    import torch
+
+    if placement.device == "cpu":
+        torch.set_num_threads(placement.threads)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def available_memory_bytes(device: str = "cpu") -> int:
+    import psutil
+
+    if device == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)
+    return int(psutil.virtual_memory().available)

@@ -1,0 +1,265 @@
+"""Run one claimed attempt: write spec.json, spawn the engine child, tail events.jsonl, heartbeat, cancel, finish."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loralab.runner.queue import JobQueue
+from loralab.settings import Settings
+from loralab.store.errors import LeaseLost
+from loralab.store.paths import contain
+from loralab.store.repo import Claim, Repo, new_id
+
+EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
+STDERR_TAIL_BYTES = 4000
+# Files of a run directory that are the run's record, not the trained model.
+RUN_ONLY = {"events.jsonl", "metrics.jsonl", "stdout.log", "stderr.log", "checkpoints", "spec.json"}
+
+
+def engine_command(settings: Settings, run_dir: Path) -> list[str]:
+    base = list(settings.engine_command) if settings.engine_command else [sys.executable, "-m", "loralab.engine.run"]
+    return [*base, str(run_dir)]
+
+
+class EventTail:
+    """Reads complete new lines of events.jsonl; seq = 1-based line number, so a resumed attempt skips stored lines."""
+
+    def __init__(self, path: Path, lines_seen: int):
+        self.path, self.offset, self.line_no, self.skip = path, 0, 0, lines_seen
+
+    def read(self) -> list[tuple[int, dict[str, Any]]]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        out = []
+        for raw in chunk[: end + 1].splitlines():
+            self.line_no += 1
+            if self.line_no <= self.skip:
+                continue
+            try:
+                event = json.loads(raw)
+                if not isinstance(event, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                event = {"type": "log", "level": "warning", "time": time.time(),
+                         "message": f"unreadable event line: {raw[:200].decode(errors='replace')}"}
+            out.append((self.line_no, event))
+        return out
+
+
+def progress_of(events: list[tuple[int, dict[str, Any]]], current: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's progress fields after these events, or None when nothing changed."""
+    progress, changed = dict(current), False
+    for _, event in events:
+        kind = event.get("type")
+        if kind == "started":
+            progress.update(total_steps=event.get("total_steps"), step=event.get("resumed_from_step") or 0)
+        elif kind == "step":
+            progress.update({k: event.get(k) for k in ("step", "total_steps", "loss", "eta_s", "epoch")})
+        elif kind == "done":
+            progress.update(eta_s=0, step=event.get("total_steps", progress.get("step")))
+        else:
+            continue
+        changed = True
+        total, step = progress.get("total_steps"), progress.get("step")
+        progress["percent"] = round(100.0 * step / total, 1) if total and step is not None else None
+    return progress if changed else None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def stderr_tail(run_dir: Path) -> str:
+    path = run_dir / "stderr.log"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - STDERR_TAIL_BYTES))
+            return fh.read().decode("utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class Supervisor:
+    """Drives one attempt of one job from spawn to a final, fenced status."""
+
+    def __init__(self, repo: Repo, queue: JobQueue, settings: Settings, claim: Claim,
+                 notify: Callable[[str], None] = lambda job_id: None, stop: threading.Event | None = None):
+        self.repo, self.queue, self.settings, self.claim, self.notify = repo, queue, settings, claim, notify
+        self.stop = stop or threading.Event()
+        self.run_dir = contain(settings.home / "runs", claim.job_id)
+        self.proc: subprocess.Popen | None = None
+        self.last_error: dict[str, Any] | None = None
+        self.done_event: dict[str, Any] | None = None
+        self.shutting_down = False
+        self.saw: set[str] = set()
+        self.progress: dict[str, Any] = {}
+
+    def run(self) -> str:
+        """Run the attempt; return the job's final status ('queued' when handed back on shutdown, 'lost' if fenced out)."""
+        try:
+            return self._run()
+        except LeaseLost:
+            self._kill(signal.SIGKILL)  # another worker owns the job now: our child must not write any more
+            return "lost"
+
+    def _run(self) -> str:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "spec.json", self.claim.spec)
+        events_path = self.run_dir / "events.jsonl"
+        if events_path.exists() and events_path.stat().st_size and not events_path.read_bytes().endswith(b"\n"):
+            with open(events_path, "ab") as fh:  # a killed engine left half a line: close it so ours parse
+                fh.write(b"\n")
+        tail = EventTail(events_path, self.repo.events_seen(self.claim.job_id))
+        self.queue.heartbeat(self.claim, run_dir=str(self.run_dir))
+        try:
+            self._spawn()
+        except OSError as exc:
+            return self._finish("failed", error={"code": "engine_not_started", "param": None,
+                                                 "message": f"could not start the engine: {exc}"})
+        self.queue.heartbeat(self.claim, child_pid=self.proc.pid)
+        next_beat, kill_at, cancelling = 0.0, None, False
+        while True:
+            rc = self.proc.poll()
+            self._store(tail.read())
+            if rc is not None:
+                break
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + self.settings.heartbeat_seconds
+                if self.queue.heartbeat(self.claim) and not cancelling:
+                    cancelling, kill_at = True, now + self.settings.cancel_grace_seconds
+                    self._kill(signal.SIGTERM)
+            if self.stop.is_set() and not (cancelling or self.shutting_down):
+                self.shutting_down, kill_at = True, now + self.settings.cancel_grace_seconds
+                self._kill(signal.SIGTERM)
+            if kill_at is not None and now >= kill_at:
+                self._kill(signal.SIGKILL)
+                kill_at = None
+            time.sleep(self.settings.tail_seconds)
+        self._store(tail.read())
+        return self._outcome(rc, cancelling, self.shutting_down)
+
+    def _spawn(self) -> None:
+        cmd = engine_command(self.settings, self.run_dir)
+        with open(self.run_dir / "stdout.log", "ab") as out, open(self.run_dir / "stderr.log", "ab") as err:
+            # Own process group: cancel signals reach the engine and anything it forks (torchrun ranks).
+            self.proc = subprocess.Popen(cmd, cwd=self.run_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                         start_new_session=True, close_fds=True)
+
+    def _kill(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _store(self, events: list[tuple[int, dict[str, Any]]]) -> None:
+        if not events:
+            return
+        for _, event in events:
+            if self.shutting_down and event.get("type") == "cancelled":
+                # Stopped because this worker shuts down, not by the user: the job goes on elsewhere.
+                event["type"] = "interrupted"
+            self.saw.add(event.get("type"))
+            if event.get("type") == "error":
+                self.last_error = event
+            elif event.get("type") == "done":
+                self.done_event = event
+        progress = progress_of(events, self.progress)
+        if progress:
+            self.progress = progress
+        self.repo.append_events(self.claim, events, progress)
+        self.notify(self.claim.job_id)
+
+    def _outcome(self, rc: int, cancelling: bool, shutting_down: bool) -> str:
+        if rc == EXIT_OK:
+            return self._succeed()
+        if rc == EXIT_ERROR and self.last_error:
+            err = self.last_error
+            return self._finish("failed", error={"code": err.get("code") or "engine_error",
+                                                 "message": err.get("message") or "the engine reported an error",
+                                                 "param": err.get("param")})
+        if cancelling and (rc == EXIT_CANCELLED or rc < 0):
+            event = None if "cancelled" in self.saw else {"type": "cancelled", "step": self.progress.get("step"),
+                                                           "checkpoint": None}
+            return self._finish("cancelled", event=event)
+        if shutting_down and (rc == EXIT_CANCELLED or rc < 0):
+            self.repo.release_job(self.claim)
+            self.notify(self.claim.job_id)
+            return "queued"
+        tail = stderr_tail(self.run_dir)
+        message = (f"the training process exited unexpectedly with code {rc}"
+                   + (" (killed by signal %d)" % -rc if rc < 0 else "")
+                   + f"; see {self.run_dir / 'stderr.log'}. Last output:\n{tail[-2000:]}")
+        error = {"code": "engine_crashed", "message": message, "param": None}
+        return self._finish("failed", error=error, event={"type": "error", **error})
+
+    def _succeed(self) -> str:
+        summary = self._read_summary()
+        model_id = new_id("ft")
+        target = contain(self.settings.home / "registry", model_id)
+        try:
+            self._copy_artifacts(target)
+            spec = self.claim.spec
+            model = dict(id=model_id, name=self.claim.model_name, base_model=spec.get("base_model", ""),
+                         method=spec.get("method", "lora"), dataset_id=self.claim.dataset_id, job_id=self.claim.job_id,
+                         lineage={"base_model": spec.get("base_model"), "dataset_id": self.claim.dataset_id,
+                                  "job_id": self.claim.job_id, "run_dir": str(self.run_dir),
+                                  "attempt": self.claim.attempt},
+                         spec=spec, metrics=summary, path=str(target))
+            return self._finish("succeeded", model=model)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+
+    def _read_summary(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # summary.json missing: the done event carries the same fields
+            return {k: v for k, v in (self.done_event or {}).items() if k not in ("type", "time")}
+
+    def _copy_artifacts(self, target: Path) -> None:
+        """Hard-link (or copy) the final model files into the registry; the run directory keeps its checkpoints."""
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for item in self.run_dir.iterdir():
+            if item.name in RUN_ONLY or item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(item, tmp / item.name)
+        write_json_atomic(tmp / "spec.json", self.claim.spec)
+        os.replace(tmp, target)
+
+    def _finish(self, status: str, **fields: Any) -> str:
+        self.repo.finish_job(self.claim, status, **fields)
+        self.notify(self.claim.job_id)
+        return status
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

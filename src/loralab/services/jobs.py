@@ -1,0 +1,173 @@
+"""Training jobs: create (validated TrainSpec -> queued row), inspect, cancel, and read or follow their events."""
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from loralab.services.context import Services
+from loralab.services.datasets import dataset_file
+from loralab.spec import DataSpec, TrainSpec, _Strict
+from loralab.store.errors import Invalid, NotFound
+from loralab.store.models import Job, JobEvent
+from loralab.store.paths import ID_PATTERNS, contain
+from loralab.store.repo import TERMINAL, TERMINAL_EVENTS
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,99}$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+class DataOptions(_Strict):
+    """The `data` section of a job request: the file comes from `dataset_id`, so only these remain."""
+
+    validation_split: float = DataSpec.model_fields["validation_split"]
+    max_rows: int | None = DataSpec.model_fields["max_rows"]
+
+
+class CreateJobRequest(TrainSpec):
+    """A TrainSpec whose data file is a stored dataset (`dataset_id`) instead of a path; unknown keys are rejected."""
+
+    dataset_id: str = Field(description="Dataset version to train on (id from POST /api/datasets/upload).")
+    model_name: str | None = Field(
+        None, description="Registry name of the resulting model (default: <base model>-<dataset name>)."
+    )
+    data: DataOptions = Field(default_factory=DataOptions, description="Validation split and row cap.")
+
+
+def check_base_model(svc: Services, name: str) -> str:
+    """Accept the embedded model, a model under LORALAB_HOME/models or a hub id; never an arbitrary server path."""
+    from loralab.spec import EMBEDDED_MODEL
+
+    models_root = svc.settings.models_dir
+    plain = ID_PATTERNS["base_model"].fullmatch(name) or HUB_ID_RE.fullmatch(name)
+    if name == EMBEDDED_MODEL or plain and not name.endswith(".gguf") and not (models_root / name).exists():
+        return name  # resolved by the worker: a converted model of that name or a hub id
+    path = contain(models_root, name)  # a directory or .gguf file; absolute paths must lie inside too
+    if not path.exists():
+        raise Invalid(f"base model {name!r} not found: use {EMBEDDED_MODEL}, a Hugging Face id (org/name) or a "
+                      f"model directory or .gguf file inside {models_root}", code="model_not_found",
+                      param="base_model")
+    return str(path)
+
+
+def create_job(svc: Services, request: CreateJobRequest | dict[str, Any]) -> dict[str, Any]:
+    """Validate a job request and queue it; the API only inserts the row, a worker runs it."""
+    if not isinstance(request, CreateJobRequest):
+        request = CreateJobRequest.model_validate(request)
+    try:
+        dataset = svc.repo.get_dataset(request.dataset_id)
+    except NotFound:
+        raise Invalid(f"dataset {request.dataset_id!r} not found; upload it first (POST /api/datasets/upload) "
+                      "or pick an id from GET /api/datasets", code="dataset_not_found", param="dataset_id") from None
+    base_model = check_base_model(svc, request.base_model)
+    fields = request.model_dump(exclude={"dataset_id", "model_name", "data", "base_model", "resume_from"})
+    resume_from = None
+    if request.resume_from:
+        from loralab.services import registry
+
+        resume_from = registry.model_path(svc, request.resume_from, param="resume_from")
+    model_name = request.model_name or _default_model_name(base_model, dataset.name)
+    if not MODEL_NAME_RE.fullmatch(model_name):
+        raise Invalid(f"model_name {model_name!r} is not allowed: use up to 100 letters, digits, . _ -",
+                      param="model_name")
+    spec = TrainSpec(base_model=base_model, resume_from=resume_from,
+                     data=DataSpec(path=str(dataset_file(svc, dataset)), format=dataset.stats.get(
+                         "canonical_format", "auto"), **request.data.model_dump()), **fields)
+    job = svc.repo.create_job(spec.model_dump(mode="json"), dataset.id, model_name)
+    if not Path(spec.data.path).is_file():
+        job = svc.repo.set_status(job.id, "failed", error={
+            "code": "file_missing", "param": "dataset_id",
+            "message": f"the stored file of dataset {dataset.id} is gone; upload the dataset again"})
+    else:
+        job = svc.repo.set_status(job.id, "queued")
+    svc.hub.publish(job.id)
+    return job_dict(job)
+
+
+def _default_model_name(base_model: str, dataset_name: str) -> str:
+    base = Path(base_model).name.removesuffix(".gguf")
+    name = re.sub(r"[^\w.-]+", "-", f"{base}-{dataset_name}").strip("-._")
+    return (name or "model")[:100]
+
+
+def job_dict(row: Job) -> dict[str, Any]:
+    progress = row.progress or {}
+    error = {"code": row.error_code, "message": row.error_message, "param": row.error_param} \
+        if row.error_code else None
+    return {
+        "id": row.id, "object": "fine_tuning.job", "status": row.status, "model_name": row.model_name,
+        "base_model": row.spec.get("base_model"), "method": row.spec.get("method"), "dataset_id": row.dataset_id,
+        "hyperparameters": {k: v for k, v in row.spec.items() if k != "data"},
+        "data": {k: v for k, v in row.spec.get("data", {}).items() if k != "path"},
+        "error": error, "attempt": row.attempt, "cancel_requested": row.cancel_requested,
+        "progress": {k: progress.get(k) for k in ("step", "total_steps", "percent", "loss", "eta_s")},
+        "result_model_id": row.result_model_id,
+        "created_at": row.created_at, "started_at": row.started_at, "finished_at": row.finished_at,
+    }
+
+
+def list_jobs(svc: Services, status: str | None = None, limit: int = 50, after: str | None = None) -> list[dict]:
+    if status is not None and status not in ("validating_files", "queued", "running", *TERMINAL):
+        raise Invalid(f"unknown status {status!r}", param="status")
+    return [job_dict(row) for row in svc.repo.list_jobs(status, max(1, min(limit, 500)), after)]
+
+
+def get_job(svc: Services, job_id: str) -> dict[str, Any]:
+    return job_dict(svc.repo.get_job(job_id))
+
+
+def get_progress(svc: Services, job_id: str) -> dict[str, Any]:
+    job = get_job(svc, job_id)
+    return {"id": job["id"], "status": job["status"], **job["progress"]}
+
+
+def cancel_job(svc: Services, job_id: str) -> dict[str, Any]:
+    """Cancel: a queued job at once; a running one gets SIGTERM from its worker (checkpoint kept)."""
+    row = svc.repo.request_cancel(job_id)
+    svc.hub.publish(job_id)
+    return job_dict(row)
+
+
+def event_dict(row: JobEvent) -> dict[str, Any]:
+    return {**row.payload, "seq": row.seq, "type": row.type}
+
+
+def list_events(svc: Services, job_id: str, after: int = 0, limit: int = 1000,
+                types: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    svc.repo.get_job(job_id)
+    return [event_dict(e) for e in svc.repo.events_after(job_id, after, max(1, min(limit, 10000)), types)]
+
+
+def get_logs(svc: Services, job_id: str, after: int = 0, tail_bytes: int = 16000) -> dict[str, Any]:
+    """Log events plus the tail of the engine's stderr."""
+    row = svc.repo.get_job(job_id)
+    text = ""
+    if row.run_dir:
+        path = contain(svc.settings.home / "runs", row.id) / "stderr.log"
+        if path.is_file():
+            with open(path, "rb") as fh:
+                fh.seek(max(0, path.stat().st_size - tail_bytes))
+                text = fh.read().decode("utf-8", errors="replace")
+    return {"id": row.id, "events": list_events(svc, job_id, after, types=("log", "error")), "stderr_tail": text}
+
+
+async def follow_events(svc: Services, job_id: str, after: int = 0) -> AsyncIterator[dict[str, Any]]:
+    """Every event after `after` (stored ones first, then live), ending after done/error/cancelled."""
+    from starlette.concurrency import run_in_threadpool
+
+    await run_in_threadpool(svc.repo.get_job, job_id)
+    while True:
+        status = (await run_in_threadpool(svc.repo.get_job, job_id)).status
+        events = await run_in_threadpool(svc.repo.events_after, job_id, after, 500)
+        for row in events:
+            after = row.seq
+            yield event_dict(row)
+            if row.type in TERMINAL_EVENTS:
+                return
+        if not events:
+            if status in TERMINAL:  # terminal status and nothing newer: the stream is complete
+                return
+            await svc.hub.wait(job_id, svc.settings.event_poll_seconds)

@@ -1,0 +1,80 @@
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
+from backends import *  # noqa: E402,F401,F403  (shared service fixtures)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def make_client(settings):
+    """Build a TestClient over create_app(settings); tweak `settings` before calling it."""
+    from fastapi.testclient import TestClient
+
+    from loralab.api.app import create_app
+
+    clients = []
+
+    def make(**headers) -> TestClient:
+        client = TestClient(create_app(settings), headers=headers)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "src" / "loralab" / "data" / "samples"
+
+
+@pytest.fixture
+def dataset_id(client):
+    """The basic sample uploaded through the API."""
+    data = (SAMPLES / "basic_qa.jsonl").read_bytes()
+    response = client.post("/api/datasets/upload", files={"file": ("basic_qa.jsonl", data)}, data={"name": "basic"})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+@pytest.fixture
+def run_worker(client, settings):
+    """Start an in-process worker thread that shares the app's database and event hub."""
+    import threading
+
+    from loralab.runner.worker import Worker
+
+    started = []
+
+    def start():
+        svc = client.app.state.services
+        worker = Worker(svc.db, settings, notify=svc.hub.publish)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        started.append((worker, thread))
+        return worker
+
+    yield start
+    for worker, _ in started:
+        worker.stop.set()
+    for _, thread in started:
+        thread.join(30)
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
