@@ -40,8 +40,13 @@ class LoraSpec(_Strict):
     @field_validator("target_modules", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
-        if isinstance(value, str) and "," in value:
-            return [part.strip() for part in value.split(",") if part.strip()]
+        # PEFT reads a plain string as a regex over the full module path, so "q_proj" alone would
+        # match nothing; names (comma-separated or single) become a list. "all-linear" stays as is.
+        if isinstance(value, str) and value != "all-linear":
+            names = [part.strip() for part in value.split(",") if part.strip()]
+            if not names:
+                raise ValueError("target_modules is empty: give 'all-linear' or module names such as q_proj,v_proj")
+            return names
         return value
 
 

@@ -2,7 +2,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
-from backends import *  # noqa: E402,F401,F403  (shared service fixtures)
+from service_fixtures import *  # noqa: E402,F401,F403  (shared service fixtures)
 
 import pytest  # noqa: E402
 
@@ -30,9 +30,6 @@ def make_client(settings):
 @pytest.fixture
 def client(make_client):
     return make_client()
-
-
-SAMPLES = Path(__file__).resolve().parents[2] / "src" / "loralab" / "data" / "samples"
 
 
 @pytest.fixture
@@ -66,15 +63,3 @@ def run_worker(client, settings):
         worker.stop.set()
     for _, thread in started:
         thread.join(30)
-
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")

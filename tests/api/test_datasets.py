@@ -6,7 +6,7 @@ import shutil
 import pytest
 import sqlalchemy as sa
 
-from conftest import SAMPLES
+from service_fixtures import SAMPLES
 
 GOOD = b'{"instruction": "a", "output": "b"}\n'
 BAD_UPLOADS = {

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from conftest import SAMPLES
+from service_fixtures import SAMPLES
 
 
 @pytest.mark.model
@@ -44,6 +44,7 @@ def test_upload_train_watch_register_generate(loralab_home, monkeypatch):
             types = [e["type"] for e in events]
             assert types[0] == "started" and types[-1] == "done", events[-1]
             assert [e["step"] for e in events if e["type"] == "step"] == [1, 2]
+            assert events[-1]["job_status"] == "succeeded" and events[-1]["result_model_id"]
             final = client.get(f"/api/training/jobs/{job['id']}").json()
             assert final["status"] == "succeeded" and final["progress"]["percent"] == 100.0
             model = client.get(f"/api/models/{final['result_model_id']}").json()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import wait_for
+from service_fixtures import wait_for
 
 
 def job_status(client, job_id):
@@ -49,6 +49,7 @@ def test_job_lifecycle_metrics_logs_and_late_streams(client, dataset_id, set_sce
                 break
     assert [e["seq"] for e in received] == list(range(1, len(received) + 1))
     assert received[0]["type"] == "started" and received[-1]["type"] == "done"
+    assert received[-1]["job_status"] == "succeeded" and received[-1]["result_model_id"]
     assert [e["step"] for e in received if e["type"] == "step"] == list(range(1, 13))
     # Late SSE client after the end: the whole history, then the stream ends; ?after and Last-Event-ID resume.
     stream = client.get(f"/api/training/jobs/{job['id']}/events")

@@ -195,3 +195,12 @@ def test_single_objects_and_wrapped_arrays():
         assert result.ok and result.records == [{"text": "x"}] and result.lines == [2], name
     wrapped = load_records_from_bytes(b'{"data": [{"text": "a"}, {"text": "b"}]}', "d.json")
     assert wrapped.ok and wrapped.rows == 2
+
+
+def test_one_row_chat_jsonl_is_a_row_not_a_wrapper(tmp_path):
+    from loralab.data.formats import load_records
+
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    result = load_records(path)
+    assert result.ok and result.format == "chat" and len(result.records) == 1

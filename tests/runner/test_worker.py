@@ -13,16 +13,7 @@ import pytest
 
 from loralab.runner.worker import Worker
 from loralab.store.repo import Repo
-
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
+from service_fixtures import wait_for
 
 
 def queue_job(repo: Repo, settings) -> str:
@@ -136,6 +127,7 @@ def test_killed_worker_job_is_requeued_and_resumed(repo, settings, set_scenario,
     try:
         wait_for(lambda: (repo.get_job(job_id).progress.get("step") or 0) >= 5, timeout=60)
         assert repo.get_job(job_id).attempt == 1
+        orphan = repo.get_job(job_id).child_pid
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -153,6 +145,15 @@ def test_killed_worker_job_is_requeued_and_resumed(repo, settings, set_scenario,
     steps = {e.payload["step"] for e in events if e.type == "step"}
     assert steps == set(range(1, 41))
     assert events[-1].type == "done" and job.result_model_id
+    assert not running(orphan)  # the dead worker's engine was killed before the job was resumed
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_stopping_worker_hands_job_back(repo, settings, set_scenario, start_worker, db):
@@ -166,3 +167,23 @@ def test_stopping_worker_hands_job_back(repo, settings, set_scenario, start_work
     start_worker()
     wait_for(lambda: status_of(repo, job_id) == "succeeded", timeout=30)
     assert repo.get_job(job_id).attempt == 2
+
+
+def test_database_blip_does_not_kill_the_run(repo, settings, set_scenario, db, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    set_scenario(total_steps=6, step_seconds=0.05)
+    job_id = queue_job(repo, settings)
+    worker = Worker(db, settings)
+    real, failures = worker.repo.append_events, {"left": 3}
+
+    def flaky(*args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker.repo, "append_events", flaky)
+    assert worker.run_once() == "succeeded"
+    steps = [e.payload["step"] for e in repo.events_after(job_id) if e.type == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6] and failures["left"] == 0

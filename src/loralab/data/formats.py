@@ -198,11 +198,15 @@ def _unwrap(doc: Any) -> list[Any]:
     """Rows of a parsed JSON document: the array itself, a lone object, or {"data": [...]}-style wrappers."""
     if isinstance(doc, list):
         return doc
-    if isinstance(doc, dict) and len(doc) == 1:
+    # Row layouts whose only key holds a list of objects are rows themselves, not wrappers.
+    if isinstance(doc, dict) and len(doc) == 1 and not ROW_LIST_KEYS.intersection(doc):
         (value,) = doc.values()
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             return value
     return [doc]
+
+
+ROW_LIST_KEYS = frozenset({"messages", "conversations"})
 
 
 def _bad_document(exc: json.JSONDecodeError) -> Problem:

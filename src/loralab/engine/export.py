@@ -189,11 +189,17 @@ def _gguf_tokenizer_pre(model_dir: str | None) -> str | None:
     if marker is None or not marker.is_file():
         return None
     try:
-        gguf_path = Path(json.loads(marker.read_text(encoding="utf-8"))["gguf"])
-        from gguf import GGUFReader
+        gguf_path = str(json.loads(marker.read_text(encoding="utf-8"))["gguf"])
+        try:  # reads the header only, leaving the large arrays unparsed
+            from transformers.integrations.gguf import read_gguf_metadata
 
-        field_ = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
-        return field_.contents() if field_ is not None else None
+            pre = read_gguf_metadata(gguf_path)[0].get("tokenizer.ggml.pre")
+        except ImportError:
+            from gguf import GGUFReader
+
+            field_ = GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+            pre = field_.contents() if field_ is not None else None
+        return pre if isinstance(pre, str) else None
     except (OSError, ValueError, KeyError):
         return None
 

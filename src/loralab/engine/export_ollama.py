@@ -41,15 +41,13 @@ def derive_template(tokenizer) -> OllamaTemplate:
 
 
 class _Renderer:
-    """apply_chat_template on (role, content) pairs; None when the template refuses.
-
-    A leading BOS is dropped when the vocabulary adds one anyway (llama.cpp and Ollama do that).
-    """
+    """apply_chat_template on (role, content) pairs; None when the template refuses."""
 
     def __init__(self, tokenizer):
         from loralab.engine.export_gguf import adds_special_token
 
         self.tokenizer = tokenizer
+        # llama.cpp and Ollama prepend BOS themselves when the vocabulary says so: drop the template's copy
         adds_bos = adds_special_token(tokenizer, getattr(tokenizer, "bos_token_id", None), at_start=True)
         self.bos = (getattr(tokenizer, "bos_token", None) or "") if adds_bos else ""
 
@@ -259,10 +257,11 @@ class _Instruct(_Style):
                   if self.system_supported else "")
         first = ('{{ $first := 0 }}{{ if eq (index .Messages 0).Role "system" }}{{ $first = 1 }}{{ end }}'
                  if self.system_supported and self.sys_on == "first" else "")
+        generation = f"{{{{ if $last }}}}{self.gen}{{{{ end }}}}" if self.gen else ""
         return (
             f"{first}{{{{ range $i, $_ := .Messages }}}}{{{{ $last := eq (len (slice $.Messages $i)) 1 }}}}"
             f'{{{{ if eq .Role "user" }}}}{self.user_open}{system}{{{{ .Content }}}}{self.user_close}'
-            f"{{{{ if $last }}}}{self.gen}{{{{ end }}}}"
+            f"{generation}"
             f'{{{{ else if eq .Role "assistant" }}}}{self.asst_open}{{{{ .Content }}}}{self.asst_close}{{{{ end }}}}'
             "{{ end }}"
         )

@@ -183,7 +183,8 @@ def render_markdown(summary: dict, results: list[dict], files: dict[str, str]) -
            f"- Base model: `{summary['base_model']}`",
            *[f"- Adapter `{a['name']}`: `{a['path']}`" for a in summary["adapters"]],
            f"- Data: `{data['path']}` ({data['source']}, format {data['format']}, {data['num_examples']} examples)",
-           f"- Decoding: greedy, max_new_tokens={summary['settings']['max_new_tokens']}, seed={summary['settings']['seed']}",
+           f"- Decoding: greedy, max_new_tokens={summary['settings']['max_new_tokens']}, "
+           f"seed={summary['settings']['seed']}",
            "", "## Scores", "",
            "| " + " | ".join(_header(summary)) + " |", "|" + "---|" * len(_header(summary))]
     out += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in _aggregate_rows(summary)]
@@ -250,7 +251,8 @@ def _html_pair(base_row: dict, tuned_row: dict | None, tuned: str | None) -> str
     if tuned_row is not None:
         boxes.append((f"{tuned} ({PRIMARY_METRIC} {_fmt(tuned_row.get(PRIMARY_METRIC), 1)})", tuned_row["answer"]))
     inner = "".join(f"<div><h4>{e(t)}</h4>{e(str(v)) or '<em>(empty)</em>'}</div>" for t, v in boxes)
-    return f'<div class="example"><strong>Example {e(str(base_row["id"]))}</strong><div class="pair">{inner}</div></div>'
+    title = f"<strong>Example {e(str(base_row['id']))}</strong>"
+    return f'<div class="example">{title}<div class="pair">{inner}</div></div>'
 
 
 def render_html(out_dir: Path, summary: dict, results: list[dict], files: dict[str, str]) -> str:

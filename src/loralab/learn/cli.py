@@ -22,7 +22,7 @@ _MSG = {
     "en": {
         "level": "Level {n}", "col_topic": "Topic", "col_id": "id", "col_min": "min", "col_status": "Status",
         "read": "read", "quiz": "quiz {s}/{t}", "none": "no topics",
-        "steps": "Hands-on steps", "check": "check", "done": "done",
+        "steps": "Hands-on steps", "check": "check",
         "next": "Test yourself: loralab learn quiz {id}",
         "question": "Question {i}/{n}", "answer": "Your answer ({ids})",
         "invalid": "Please answer with one of: {ids}",
@@ -38,7 +38,7 @@ _MSG = {
     "ja": {
         "level": "レベル {n}", "col_topic": "トピック", "col_id": "ID", "col_min": "分", "col_status": "進捗",
         "read": "既読", "quiz": "クイズ {s}/{t}", "none": "トピックがありません",
-        "steps": "ハンズオン", "check": "確認方法", "done": "完了",
+        "steps": "ハンズオン", "check": "確認方法",
         "next": "理解度チェック: loralab learn quiz {id}",
         "question": "問題 {i}/{n}", "answer": "答え ({ids})",
         "invalid": "次のいずれかで答えてください: {ids}",
@@ -133,10 +133,12 @@ def show_cmd(topic_id: str = typer.Argument(..., help="Topic id or code, e.g. to
     if topic.steps:
         done = _load_progress().topic(topic.id).steps
         console.print(f"\n[bold]{msg['steps']}[/bold]")
-        for number, step in enumerate(topic.steps, 1):
-            mark = f" [green]({msg['done']})[/green]" if step.id in done else ""
-            console.print(f"{number}. {escape(step.instruction)}  [dim]({msg['check']}: {step.check}, "
-                          f"id: {step.id})[/dim]{mark}")
+        lines = [
+            f"{number}. {'✓ ' if step.id in done else ''}{step.instruction} "
+            f"*({msg['check']}: {step.check}, id: {step.id})*"
+            for number, step in enumerate(topic.steps, 1)
+        ]
+        console.print(Markdown("\n".join(lines)))
     console.print("\n" + msg["next"].format(id=topic.id))
     progress.record_read(topic.id)
 
@@ -226,8 +228,8 @@ def calc_cmd(
     if as_json:
         console.print_json(result.model_dump_json())
         return
-    table = Table(title=f"{escape(base_model)}  r={r}  target_modules={escape(str(result.target_modules))}",
-                  title_justify="left")
+    console.print(f"[bold]{escape(base_model)}[/bold]  r={r}  target_modules={escape(str(result.target_modules))}")
+    table = Table()
     for column in (msg["module"], msg["kind"], msg["count"], msg["shape"], msg["params"]):
         table.add_column(column, justify="left" if column in (msg["module"], msg["kind"]) else "right")
     for stat in result.modules:

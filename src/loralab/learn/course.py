@@ -16,7 +16,7 @@ DATA_DIR = Path(__file__).parent
 # What the platform can verify for a hands-on step; `manual` is ticked by the learner.
 Check = Literal[
     "manual", "dataset_uploaded", "job_succeeded", "compared_answers", "calculator_used",
-    "evaluation_run", "dpo_job_succeeded", "model_exported", "model_served",
+    "evaluation_run", "model_exported", "model_served",
 ]
 _ID = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _FILE = re.compile(r"^(?P<level>[1-9])-(?P<order>\d{2})-(?P<slug>[a-z0-9][a-z0-9-]*)\.md$")

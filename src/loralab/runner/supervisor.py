@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -13,12 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from loralab.runner.queue import JobQueue
 from loralab.settings import Settings
 from loralab.store.errors import LeaseLost
 from loralab.store.paths import contain
-from loralab.store.repo import Claim, Repo, new_id
+from loralab.store.repo import TERMINAL_EVENTS, Claim, Repo, new_id
 
+log = logging.getLogger("loralab.supervisor")
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
 STDERR_TAIL_BYTES = 4000
 # Files of a run directory that are the run's record, not the trained model.
@@ -110,6 +114,9 @@ class Supervisor:
         self.last_error: dict[str, Any] | None = None
         self.done_event: dict[str, Any] | None = None
         self.shutting_down = False
+        self.pending: list[tuple[int, dict[str, Any]]] = []  # closing events, committed with the final status
+        self.unsaved: list[tuple[int, dict[str, Any]]] = []
+        self.progress_dirty = False
         self.saw: set[str] = set()
         self.progress: dict[str, Any] = {}
 
@@ -136,18 +143,27 @@ class Supervisor:
             return self._finish("failed", error={"code": "engine_not_started", "param": None,
                                                  "message": f"could not start the engine: {exc}"})
         self.queue.heartbeat(self.claim, child_pid=self.proc.pid)
-        next_beat, kill_at, cancelling = 0.0, None, False
+        next_beat, kill_at, cancelling, db_down_since = 0.0, None, False, None
         while True:
             rc = self.proc.poll()
             self._store(tail.read())
             if rc is not None:
                 break
             now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + self.settings.heartbeat_seconds
-                if self.queue.heartbeat(self.claim) and not cancelling:
-                    cancelling, kill_at = True, now + self.settings.cancel_grace_seconds
-                    self._kill(signal.SIGTERM)
+            try:
+                self._flush()
+                if now >= next_beat:
+                    if self.queue.heartbeat(self.claim) and not cancelling:
+                        cancelling, kill_at = True, now + self.settings.cancel_grace_seconds
+                        self._kill(signal.SIGTERM)
+                    next_beat = now + self.settings.heartbeat_seconds
+                db_down_since = None
+            except DBAPIError as exc:
+                # A database blip must not kill hours of training; past the lease the job is someone else's.
+                db_down_since = db_down_since or now
+                log.warning("job %s: database unavailable (%s); retrying", self.claim.job_id, exc.__class__.__name__)
+                if now - db_down_since > self.settings.lease_seconds:
+                    raise LeaseLost(f"database unreachable for more than {self.settings.lease_seconds}s") from exc
             if self.stop.is_set() and not (cancelling or self.shutting_down):
                 self.shutting_down, kill_at = True, now + self.settings.cancel_grace_seconds
                 self._kill(signal.SIGTERM)
@@ -156,7 +172,18 @@ class Supervisor:
                 kill_at = None
             time.sleep(self.settings.tail_seconds)
         self._store(tail.read())
-        return self._outcome(rc, cancelling, self.shutting_down)
+        return self._retrying(lambda: self._outcome(rc, cancelling, self.shutting_down))
+
+    def _retrying(self, action):
+        """Run a final database write, retrying through a short outage (up to the lease length)."""
+        deadline = time.monotonic() + self.settings.lease_seconds
+        while True:
+            try:
+                return action()
+            except DBAPIError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(min(1.0, self.settings.heartbeat_seconds))
 
     def _spawn(self) -> None:
         cmd = engine_command(self.settings, self.run_dir)
@@ -186,9 +213,20 @@ class Supervisor:
                 self.done_event = event
         progress = progress_of(events, self.progress)
         if progress:
-            self.progress = progress
-        self.repo.append_events(self.claim, events, progress)
-        self.notify(self.claim.job_id)
+            self.progress, self.progress_dirty = progress, True
+        # A closing event (done/error/cancelled) is held back and committed with the final status, so a client
+        # that sees it can already read the job's outcome (result_model_id, error).
+        cut = 0 if self.pending else next(
+            (i for i, (_, e) in enumerate(events) if e.get("type") in TERMINAL_EVENTS), len(events))
+        self.pending.extend(events[cut:])
+        self.unsaved.extend(events[:cut])
+
+    def _flush(self) -> None:
+        """Store tailed events not stored yet (kept for the next try when the database is down)."""
+        if self.unsaved or self.progress_dirty:
+            self.repo.append_events(self.claim, self.unsaved, self.progress if self.progress_dirty else None)
+            self.unsaved, self.progress_dirty = [], False
+            self.notify(self.claim.job_id)
 
     def _outcome(self, rc: int, cancelling: bool, shutting_down: bool) -> str:
         if rc == EXIT_OK:
@@ -202,7 +240,14 @@ class Supervisor:
             event = None if "cancelled" in self.saw else {"type": "cancelled", "step": self.progress.get("step"),
                                                            "checkpoint": None}
             return self._finish("cancelled", event=event)
-        if shutting_down and (rc == EXIT_CANCELLED or rc < 0):
+        interrupted = rc == EXIT_CANCELLED and self.claim.attempt < self.settings.max_attempts
+        if (shutting_down and (rc == EXIT_CANCELLED or rc < 0)) or interrupted:
+            # Stopped from outside (worker or host shutting down): checkpointed, so the job goes back to the queue.
+            for _, event in self.pending:
+                if event.get("type") == "cancelled":
+                    event["type"] = "interrupted"
+            self.unsaved.extend(self.pending)
+            self._flush()
             self.repo.release_job(self.claim)
             self.notify(self.claim.job_id)
             return "queued"
@@ -253,7 +298,8 @@ class Supervisor:
         os.replace(tmp, target)
 
     def _finish(self, status: str, **fields: Any) -> str:
-        self.repo.finish_job(self.claim, status, **fields)
+        self._flush()
+        self.repo.finish_job(self.claim, status, events=self.pending, **fields)
         self.notify(self.claim.job_id)
         return status
 

@@ -164,9 +164,11 @@ async def follow_events(svc: Services, job_id: str, after: int = 0) -> AsyncIter
         events = await run_in_threadpool(svc.repo.events_after, job_id, after, 500)
         for row in events:
             after = row.seq
-            yield event_dict(row)
-            if row.type in TERMINAL_EVENTS:
+            if row.type in TERMINAL_EVENTS:  # committed together with the final status: report the outcome
+                job = await run_in_threadpool(svc.repo.get_job, job_id)
+                yield {**event_dict(row), "job_status": job.status, "result_model_id": job.result_model_id}
                 return
+            yield event_dict(row)
         if not events:
             if status in TERMINAL:  # terminal status and nothing newer: the stream is complete
                 return

@@ -257,11 +257,20 @@ class Repo:
             return s.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0
 
     def finish_job(self, claim: Claim, status: str, *, error: dict[str, Any] | None = None,
-                   model: dict[str, Any] | None = None, event: dict[str, Any] | None = None) -> Job:
-        """End an attempt (fenced): set the final status, the error, the new model version and a closing event."""
+                   model: dict[str, Any] | None = None, event: dict[str, Any] | None = None,
+                   events: list[tuple[int, dict[str, Any]]] | None = None) -> Job:
+        """End an attempt (fenced): final status, error, new model version and the closing events, in one commit."""
         with self.tx() as s:
             row = self._fenced(s, claim)
             check_transition(row.status, status)
+            if events:
+                newest = s.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == claim.job_id)) or 0
+                for seq, item in events:
+                    if seq > newest:
+                        s.add(JobEvent(job_id=claim.job_id, seq=seq, type=str(item.get("type", "log"))[:30],
+                                       payload=item, attempt=claim.attempt, created_at=time.time()))
+                        newest = seq
+                s.flush()
             now = time.time()
             row.status, row.updated_at, row.finished_at = status, now, now
             row.lease_owner, row.lease_expires_at, row.child_pid = None, None, None

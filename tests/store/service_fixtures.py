@@ -84,3 +84,19 @@ def repo(db):
     from loralab.store.repo import Repo
 
     return Repo(db)
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "src" / "loralab" / "data" / "samples"
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")

@@ -1,0 +1,323 @@
+"""The `loralab` command line: train, generate, validate data, demo, export, evaluate, learn, serve."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from loralab.spec import EMBEDDED_MODEL, GenerateSpec, TrainSpec, apply_overrides
+
+app = typer.Typer(
+    help="loralab: fine-tune open LLMs with LoRA, from a dataset to an evaluated, exported, served model.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+data_app = typer.Typer(help="Inspect and validate dataset files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a user-facing error (no traceback) and exit."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _spec_errors(exc) -> str:
+    lines = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "spec"
+        msg = "unknown setting (check the spelling; see `loralab train --help`)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{where}: {msg}")
+    return "invalid training settings:\n  " + "\n  ".join(lines)
+
+
+def build_train_spec(config: Optional[Path], flags: dict, sets: list[str]) -> TrainSpec:
+    """Merge a YAML config, command-line flags and --set overrides into one validated TrainSpec."""
+    import yaml
+    from pydantic import ValidationError
+
+    raw: dict = {}
+    if config is not None:
+        try:
+            raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            fail(f"cannot read config {config}: {exc.strerror}")
+        except yaml.YAMLError as exc:
+            fail(f"{config} is not valid YAML: {exc}")
+        if not isinstance(raw, dict):
+            fail(f"{config} must hold a mapping of settings, not {type(raw).__name__}")
+    for key, value in flags.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        raw = apply_overrides(raw, sets)
+        return TrainSpec.model_validate(raw)
+    except ValidationError as exc:
+        fail(_spec_errors(exc))
+    except ValueError as exc:
+        fail(str(exc))
+
+
+class TrainProgress:
+    """Renders engine events as a rich progress bar with loss and speed."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err, transient=False,
+        )
+        self.task = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "started":
+            if not self.quiet:
+                err.print(f"{event['num_examples']} examples, {event['trainable_params']:,} trainable parameters, "
+                          f"{event['device']} {event['dtype']}, {event['threads']} threads")
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=event["total_steps"], completed=event["resumed_from_step"],
+                                               info="")
+        elif kind == "step" and self.task is not None:
+            info = f"loss {event['loss']:.4f}  {event['tokens_per_s'] or 0:.0f} tok/s"
+            self.progress.update(self.task, completed=event["step"], total=event["total_steps"], info=info)
+        elif kind == "log" and not self.quiet:
+            err.print(f"[yellow]{event['level']}:[/] {event['message']}")
+        elif kind in ("done", "cancelled", "error"):
+            self.progress.stop()
+
+
+def run_training(spec: TrainSpec, output: Path, quiet: bool = False) -> dict:
+    """Train in this process with a progress bar; exits with the engine's code on failure or cancel."""
+    from loralab.engine.events import read_events
+    from loralab.engine.run import EXIT_CANCELLED, EXIT_OK, execute
+
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "spec.json").write_text(spec.model_dump_json(indent=2))
+    code = execute(output, echo=TrainProgress(quiet))
+    last = read_events(output)[-1]
+    if code == EXIT_CANCELLED:
+        err.print(f"cancelled at step {last.get('step')}; checkpoint kept in {last.get('checkpoint')} "
+                  f"(run the same command again to resume)")
+        raise typer.Exit(EXIT_CANCELLED)
+    if code != EXIT_OK:
+        where = f" ({last['param']})" if last.get("param") else ""
+        fail(f"{last.get('message', 'training failed')}{where}")
+    return json.loads((output / "summary.json").read_text())
+
+
+@app.command()
+def train(
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset file: JSONL, JSON, CSV or Parquet."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run directory: adapter, metrics and summary go here."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help=f"Base model (default {EMBEDDED_MODEL}): "
+                                             "embedded name, hub id, local directory or .gguf file."),
+    method: Optional[str] = typer.Option(None, help="lora (default) or full."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (num_train_epochs)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate."),
+    r: Optional[int] = typer.Option(None, "--r", help="LoRA rank."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA alpha (scale = alpha / r)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per step."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Truncate examples to this many tokens."),
+    validation_split: Optional[float] = typer.Option(None, "--validation-split", help="Fraction held out."),
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Continue training this adapter."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with TrainSpec settings."),
+    set_: list[str] = typer.Option([], "--set", help="Override any setting: key=value (dotted for nested, "
+                                   "e.g. lora.target_modules=q_proj,v_proj). Repeatable."),
+):
+    """Fine-tune a base model on a dataset (LoRA by default) and write the adapter to --output."""
+    flags = {
+        "data.path": data, "base_model": base_model, "method": method, "num_train_epochs": epochs,
+        "max_steps": max_steps, "learning_rate": learning_rate, "lora.r": r, "lora.lora_alpha": lora_alpha,
+        "per_device_train_batch_size": batch_size, "max_seq_length": max_seq_len,
+        "data.validation_split": validation_split, "resume_from": str(resume_from) if resume_from else None,
+    }
+    spec = build_train_spec(config, flags, set_)
+    summary = run_training(spec, output)
+    console.print(
+        f"[green]done[/] in {summary['train_seconds']:.1f} s of training: {summary['real_tokens']:,} tokens, "
+        f"{summary['tokens_per_s']:.1f} tokens/s, final loss {summary['final_loss']:.4f}, "
+        f"peak memory {summary['peak_rss_mb']:.0f} MB\nadapter: {output.resolve()}"
+    )
+
+
+def _load_or_fail(base_model: str, adapter: Optional[str]):
+    from loralab.engine.models import ModelNotFoundError, load_for_inference
+
+    try:
+        return load_for_inference(base_model, adapter)
+    except ModelNotFoundError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message (or raw text with --raw)."),
+    base_model: str = typer.Option(EMBEDDED_MODEL, "--base-model", help="Base model name or path."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter directory to apply."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    raw: bool = typer.Option(False, "--raw", help="Plain completion of the prompt, no chat template."),
+):
+    """Generate an answer with a base model, optionally with a LoRA adapter (streams to the terminal)."""
+    from pydantic import ValidationError
+
+    from loralab.engine.generate import stream
+
+    try:
+        settings = GenerateSpec(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed)
+    except ValidationError as exc:
+        fail(_spec_errors(exc))
+    model, tokenizer = _load_or_fail(base_model, adapter)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    kwargs = {"prompt": prompt} if raw else {"messages": messages}
+    for piece in stream(model, tokenizer, settings=settings, **kwargs):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Path = typer.Argument(..., help="Dataset file to check."),
+    format: str = typer.Option("auto", "--format", help="auto, alpaca, chat, sharegpt, text or preference."),
+    base_model: str = typer.Option(EMBEDDED_MODEL, "--base-model", help="Tokenizer used for token statistics."),
+    max_seq_len: int = typer.Option(512, "--max-seq-len", help="Rows longer than this are counted as truncated."),
+    no_tokens: bool = typer.Option(False, "--no-tokens", help="Skip token statistics (no model needed)."),
+):
+    """Check a dataset: exit 0 with a summary, or exit 1 listing `line N: field: message` for each problem."""
+    from loralab.data.formats import load_records
+
+    if not file.is_file():
+        fail(f"{file}: file not found")
+    try:
+        result = load_records(file, format=format)
+    except ValueError as exc:
+        fail(str(exc))
+    if result.problems:
+        for problem in result.problems:
+            print(f"{file.name}: {problem}")
+        fail(f"{len(result.problems)} problem(s) in {file.name}; fix them and validate again")
+    console.print(f"[green]ok[/] {file.name}: {len(result.records)} rows, format [bold]{result.format}[/]")
+    if no_tokens:
+        return
+    from loralab.data.template import encode_record, token_stats
+    from loralab.engine.models import ModelNotFoundError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(base_model)
+    except ModelNotFoundError as exc:
+        err.print(f"token statistics skipped: {exc}")
+        return
+    encoded = [encode_record(r, tokenizer, None) for r in result.records]
+    stats = token_stats(encoded, max_seq_length=max_seq_len)
+    table = Table(title=f"tokens ({base_model})")
+    for key in ("rows", "total_tokens", "supervised_tokens", "min", "mean", "p50", "p95", "max", "truncated"):
+        value = stats[key]
+        table.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where the demo adapter goes "
+                                          "(default: LORALAB_HOME/demo/<time>)."),
+    epochs: float = typer.Option(12, "--epochs", help="Passes over the 5 examples."),
+):
+    """Fine-tune the embedded model on the 5-example sample and show its answers before and after."""
+    from loralab.demo import run_demo
+
+    run_demo(console, err, output, epochs, fail, run_training)
+
+
+@app.command("export")
+def export_cmd(
+    adapter_dir: Path = typer.Argument(..., help="Run directory or adapter directory to export."),
+    format: str = typer.Option(..., "--format", "-f", help="merged, gguf or ollama."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist or be empty)."),
+    quantization: str = typer.Option("f16", "--quantization", "-q", help="GGUF tensor type: f16 or q8_0."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Override the adapter's base model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+):
+    """Export an adapter: merged safetensors model, GGUF file, or GGUF + Ollama Modelfile."""
+    from loralab.engine.export import ExportError, export_model
+    from loralab.engine.models import ModelNotFoundError
+
+    try:
+        result = export_model(adapter_dir, format, out, quantization=quantization, base_model=base_model,
+                              overwrite=overwrite)
+    except (ExportError, ModelNotFoundError) as exc:
+        fail(str(exc))
+    console.print(f"[green]exported[/] {format} to {out}")
+    for path in getattr(result, "files", []):
+        console.print(f"  {path}")
+    if format == "ollama":
+        console.print(f"run: ollama create my-model -f {Path(out) / 'Modelfile'}")
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="Rows with reference answers (default: the "
+                                        "adapter's held-out validation.jsonl)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report directory."),
+    base_model: str = typer.Option(EMBEDDED_MODEL, "--base-model"),
+    adapter: list[str] = typer.Option([], "--adapter", help="Adapter directory to compare (repeatable)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N rows."),
+):
+    """Compare the base model and adapters on rows with reference answers; writes CSV/JSON/MD/HTML reports."""
+    from loralab.engine.evaluate import EvalError, evaluate
+    from loralab.engine.models import ModelNotFoundError
+
+    def progress(done, total, *rest):
+        err.print(f"\r{done}/{total}", end="")
+
+    try:
+        summary = evaluate(base_model, adapter, str(data) if data else None, out, max_new_tokens=max_new_tokens,
+                           limit=limit, progress=progress)
+    except (EvalError, ModelNotFoundError) as exc:
+        fail(str(exc))
+    err.print()
+    for warning in summary.get("warnings", []):
+        err.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"[green]report[/]: {out / 'report.html'}")
+
+
+def _register_subapps() -> None:
+    from loralab.learn.cli import learn_app
+    from loralab.service_cli import register
+
+    app.add_typer(learn_app, name="learn")
+    register(app)
+
+
+_register_subapps()
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
