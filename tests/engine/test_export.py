@@ -341,7 +341,8 @@ def test_mistral_templates():
     assert '{{ else if eq .Role "assistant" }} {{ .Content }}</s>' in v03.template
     llama2 = derive_template(_template_tokenizer(LLAMA2, ["<s>", "</s>"], "<s>", "</s>", add_bos=True))
     assert "{{ if and $.System (eq $i $first) }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}" in llama2.template
-    assert llama2.template.startswith('{{ $first := 0 }}{{ if eq (index .Messages 0).Role "system" }}')
+    assert llama2.template.startswith(
+        '{{ $first := 0 }}{{ if .Messages }}{{ if eq (index .Messages 0).Role "system" }}{{ $first = 1 }}')
 
 
 def test_default_system_prompt_becomes_system():
@@ -433,7 +434,7 @@ def test_base_model_resolution_order(tiny_model_dir, tmp_path):
 def test_embedded_model_round_trip(tmp_path, monkeypatch):
     import gguf
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     from loralab.engine.models import load_model, load_tokenizer
 
@@ -444,11 +445,12 @@ def test_embedded_model_round_trip(tmp_path, monkeypatch):
     config = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                         init_lora_weights=False)
     run = tmp_path / "run"
-    get_peft_model(base, config).save_pretrained(run)
+    with_adapter = get_peft_model(base, config)
+    with_adapter.save_pretrained(run)
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     tokenizer.save_pretrained(run)
     (run / "spec.json").write_text(json.dumps({"base_model": "smollm2-135m-instruct", "data": {"path": "x.jsonl"}}))
-    reference = PeftModel.from_pretrained(load_model("smollm2-135m-instruct"), str(run)).merge_and_unload().eval()
+    reference = with_adapter.merge_and_unload().eval()
 
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                              add_generation_prompt=True)

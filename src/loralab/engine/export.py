@@ -212,6 +212,9 @@ def _export_merged(source: _Source, tmp: Path, result: ExportResult) -> None:
         for pattern in _MODEL_COPY_GLOBS:
             for file in source.path.glob(pattern):
                 shutil.copy2(file, tmp / file.name)
+        if not any((tmp / f).is_file() for f in _TOKENIZER_FILES):
+            base_path = _resolve(source.base_model).path if source.base_model else None
+            _load_tokenizer(source, base_path).save_pretrained(tmp)
         result.architecture = _load_config(str(source.path)).model_type
         return
     import torch

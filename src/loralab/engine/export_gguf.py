@@ -13,7 +13,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from loralab.engine.export import ExportError
+from loralab.engine.export import QUANTIZATIONS, ExportError
 
 # transformers model_type -> llama.cpp architecture; mistral is written as llama, as llama.cpp does.
 SUPPORTED_ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
@@ -21,10 +21,8 @@ SUPPORTED_ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
     "mistral": gguf.MODEL_ARCH.LLAMA,
     "qwen2": gguf.MODEL_ARCH.QWEN2,
 }
-QUANTIZATIONS = ("f16", "q8_0")
 _FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 _Q = gguf.GGMLQuantizationType
-_F16_MAX = 65504.0
 
 # Pre-tokenizer split patterns as they appear in tokenizer.json, named the way llama.cpp names them.
 _LLAMA3_SPLIT = (
@@ -62,6 +60,9 @@ def check_architecture(config) -> gguf.MODEL_ARCH:
             f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}. Export with --format merged instead "
             "and convert with llama.cpp's convert_hf_to_gguf.py"
         )
+    rope_type = str(_rope(config).get("rope_type") or "default").lower()
+    if rope_type not in ("default", "linear", "yarn", "llama3"):
+        raise ExportError(f"rope scaling {rope_type!r} has no GGUF equivalent here (supported: linear, yarn, llama3)")
     return SUPPORTED_ARCHITECTURES[model_type]
 
 
@@ -96,7 +97,7 @@ def tensors_from_safetensors(model_dir: Path) -> Iterator[TensorSource]:
 
 def write_gguf(
     path: Path, *, config, tensors: TensorSource, tokenizer, quantization: str = "f16",
-    name: str = "model", tokenizer_pre: str | None = None, generation_config=None,
+    name: str = "model", tokenizer_pre: str | None = None,
 ) -> GgufInfo:
     """Write one GGUF file: llama.cpp metadata, tokenizer, chat template and (optionally Q8_0) tensors."""
     if quantization not in QUANTIZATIONS:
@@ -153,9 +154,9 @@ def _plan_tensors(config, arch, tensors: TensorSource, quantization: str, info: 
         seen.add(gguf_name)
         shape = tuple(d for d in shape if d != 1) or (1,)  # llama.cpp squeezes
         if permute and ".attn_q." in gguf_name:
-            load = _permuted(load, shape, n_head, n_head)
+            load = _permuted(load, shape, n_head)
         elif permute and ".attn_k." in gguf_name:
-            load = _permuted(load, shape, n_head, n_kv)
+            load = _permuted(load, shape, n_kv)
         plan.append((gguf_name, shape, _choose_type(hf_name, gguf_name, shape, quantization), load))
     if not tied and "output.weight" not in seen:
         raise ExportError("the model has untied output embeddings but no lm_head.weight tensor")
@@ -200,9 +201,8 @@ def _encode(tensor, qtype) -> np.ndarray:
     return gguf.quants.quantize(data, qtype)
 
 
-def _permuted(load, shape, n_head: int, n_head_kv: int):
+def _permuted(load, shape, heads: int):
     """llama.cpp's LlamaModel.permute: interleave the rotary halves of each head (the GGUF loader undoes it)."""
-    heads = n_head_kv if n_head != n_head_kv else n_head
     if shape[0] % (heads * 2):
         raise ExportError(f"attention weight of shape {shape} does not split into {heads} heads")
 
@@ -276,8 +276,6 @@ def _add_metadata(writer, config, name: str, quantization: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-    elif rope_type not in ("default", "llama3"):
-        raise ExportError(f"rope scaling {rope_type!r} has no GGUF equivalent here (supported: linear, yarn, llama3)")
 
 
 # --- tokenizer -------------------------------------------------------------------------------
@@ -318,6 +316,7 @@ def _looks_special(text: str) -> bool:
 
 
 def _vocab(tokenizer, n_vocab: int, kind: str) -> tuple[list[str], list[int], list[float]]:
+    """Token texts, llama.cpp token types and scores for ids 0..n_vocab-1 (gaps become [PAD<id>])."""
     vocab = tokenizer.get_vocab()
     if vocab and max(vocab.values()) >= n_vocab:
         raise ExportError(
@@ -327,27 +326,27 @@ def _vocab(tokenizer, n_vocab: int, kind: str) -> tuple[list[str], list[int], li
     reverse = {i: t for t, i in vocab.items()}
     added = dict(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    tokens, types, scores = [], [], []
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    tokens, types = [], []
     for i in range(n_vocab):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
+        text = reverse.get(i)
+        if text is None:
+            text, kind_of = f"[PAD{i}]", gguf.TokenType.UNUSED
+        elif kind == "llama" and i == unk_id:
+            kind_of = gguf.TokenType.UNKNOWN
+        elif kind == "llama" and i not in added and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            kind_of = gguf.TokenType.BYTE
+        elif i in special_ids or (i in added and (added[i].special or _looks_special(text))):
+            kind_of = gguf.TokenType.CONTROL
+        elif i in added:
+            kind_of = gguf.TokenType.USER_DEFINED
+            if kind == "llama":
+                text = text.replace("\u2581", " ")  # llama.cpp expects user-defined tokens pre-normalised
         else:
-            text = reverse[i]
-            if i in added:
-                special = added[i].special or i in special_ids or _looks_special(text)
-                if not special and kind == "llama":
-                    text = text.replace("\u2581", " ")  # llama.cpp expects user-defined tokens pre-normalised
-                types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
-            elif kind == "llama" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
-                types.append(gguf.TokenType.BYTE)
-            elif i in special_ids:
-                types.append(gguf.TokenType.CONTROL)
-            else:
-                types.append(gguf.TokenType.NORMAL)
-            tokens.append(text)
-        scores.append(-float(i))  # BPE: earlier tokens merge first
-    return tokens, [int(t) for t in types], scores
+            kind_of = gguf.TokenType.NORMAL
+        tokens.append(text)
+        types.append(int(kind_of))
+    return tokens, types, [-float(i) for i in range(n_vocab)]  # BPE: earlier tokens merge first
 
 
 def _merges(tokenizer) -> list[str]:

@@ -59,7 +59,6 @@ class _Renderer:
             return None
         if not isinstance(text, str):
             return None
-        # llama.cpp/Ollama add BOS themselves when the vocabulary asks for it
         return text[len(self.bos):] if self.bos and text.startswith(self.bos) else text
 
 
@@ -106,9 +105,10 @@ class _Style:
             has_system = any(r == "system" for r, _ in turns)
             if has_system and not self.system_supported:
                 continue
+            expected = render(turns, True)
             if not has_system and self.default_system:
                 turns = [("system", self.default_system), *turns]  # what Ollama does with SYSTEM
-            if render(turns, True) != self.simulate(turns):
+            if expected != self.simulate(turns):
                 return False
         return True
 
@@ -233,7 +233,8 @@ class _Instruct(_Style):
             return
 
     def simulate(self, turns):
-        system = next((c for r, c in reversed(turns) if r == "system"), None) if self.system_supported else None
+        # Ollama's .System joins every system message
+        system = "\n\n".join(c for r, c in turns if r == "system") if self.system_supported else None
         users = [i for i, (r, _) in enumerate(turns) if r == "user"]
         target = (users[0] if self.sys_on == "first" else users[-1]) if users else -1
         out = ""
@@ -255,8 +256,8 @@ class _Instruct(_Style):
             condition = "$last"
         system = (f"{{{{ if and $.System {condition} }}}}{self.sys_open}{{{{ $.System }}}}{self.sys_close}{{{{ end }}}}"
                   if self.system_supported else "")
-        first = ('{{ $first := 0 }}{{ if eq (index .Messages 0).Role "system" }}{{ $first = 1 }}{{ end }}'
-                 if self.system_supported and self.sys_on == "first" else "")
+        first = ('{{ $first := 0 }}{{ if .Messages }}{{ if eq (index .Messages 0).Role "system" }}{{ $first = 1 }}'
+                 "{{ end }}{{ end }}" if self.system_supported and self.sys_on == "first" else "")
         generation = f"{{{{ if $last }}}}{self.gen}{{{{ end }}}}" if self.gen else ""
         return (
             f"{first}{{{{ range $i, $_ := .Messages }}}}{{{{ $last := eq (len (slice $.Messages $i)) 1 }}}}"

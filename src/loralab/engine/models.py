@@ -126,6 +126,11 @@ def _check_hub(repo_id: str) -> str:
     try:
         hf_hub_download(repo_id, "config.json")
         return repo_id
+    except LocalEntryNotFoundError:  # subclass of EntryNotFoundError: check it first
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local cache and the Hugging Face hub cannot be reached "
+            f"(offline?). Use the embedded model ({EMBEDDED_MODEL}), a local directory or a .gguf file"
+        ) from None
     except (RepositoryNotFoundError, EntryNotFoundError):
         raise ModelNotFoundError(
             f"model {repo_id!r} not found: not embedded ({EMBEDDED_MODEL}), not a local path, "
@@ -133,11 +138,6 @@ def _check_hub(repo_id: str) -> str:
         ) from None
     except GatedRepoError:
         raise ModelNotFoundError(f"model {repo_id!r} is gated on the hub: log in with `hf auth login`") from None
-    except LocalEntryNotFoundError:
-        raise ModelNotFoundError(
-            f"model {repo_id!r} is not in the local cache and the Hugging Face hub cannot be reached "
-            f"(offline?). Use the embedded model ({EMBEDDED_MODEL}), a local directory or a .gguf file"
-        ) from None
     except ValueError as exc:  # malformed repo id
         raise ModelNotFoundError(f"{repo_id!r} is not a valid model name or path: {exc}") from None
 

@@ -1,0 +1,127 @@
+"""The CLI: every bad input exits 1 naming line and field, never a traceback; training on real data files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from loralab.cli import app
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+BAD_FILES = [
+    ("broken.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "line 2", "bad_json"),
+    ("missing.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', "line 2: output", None),
+    ("empty_field.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "", "output": "b"}\n',
+     "line 2: instruction", None),
+    ("role.jsonl", b'{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n',
+     "line 1: messages[1].role", None),
+    ("noassist.jsonl", b'{"messages": [{"role": "user", "content": "a"}]}\n', "line 1: messages", None),
+    ("latin1.jsonl", '{"instruction": "caf\u00e9", "output": "b"}\n'.encode("latin-1"), "line 1", None),
+    ("empty.jsonl", b"", "empty", None),
+]
+
+
+@pytest.mark.parametrize("name,content,expect,_", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_data_validate_reports_line_and_field(tmp_path, name, content, expect, _):
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = invoke("data", "validate", path, "--no-tokens")
+    assert result.exit_code == 1
+    assert expect in result.output
+
+
+@pytest.mark.parametrize("name,content,expect,_", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_train_on_bad_data_exits_1_with_line(tmp_path, tiny_model_dir, name, content, expect, _):
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = invoke("train", "--base-model", tiny_model_dir, "--data", path, "--output", tmp_path / "run")
+    assert result.exit_code == 1
+    assert expect.split(":")[0] in result.output
+
+
+def test_train_settings_errors_name_the_setting(tmp_path, tiny_model_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    result = invoke("train", "--data", data, "--output", tmp_path / "r", "--set", "lora.rank=4")
+    assert result.exit_code == 1 and "lora.rank" in result.output and "unknown setting" in result.output
+    result = invoke("train", "--data", data, "--output", tmp_path / "r", "--r", "0")
+    assert result.exit_code == 1 and "lora.r" in result.output
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: [1\n")
+    result = invoke("train", "--data", data, "--output", tmp_path / "r", "--config", config)
+    assert result.exit_code == 1 and "not valid YAML" in result.output
+    result = invoke("train", "--data", tmp_path / "nope.jsonl", "--output", tmp_path / "r",
+                    "--base-model", tiny_model_dir)
+    assert result.exit_code == 1 and "not found" in result.output
+
+
+def test_unknown_base_model_is_a_clear_error(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    result = invoke("train", "--data", data, "--output", tmp_path / "r", "--base-model", "no-such-org/no-such-model")
+    assert result.exit_code == 1
+    assert "no-such-org/no-such-model" in result.output and "hub cannot be reached" in result.output
+    result = invoke("generate", "--base-model", tmp_path / "missing-dir", "--prompt", "hi")
+    assert result.exit_code == 1 and "not found" in result.output
+
+
+def test_train_from_yaml_config_and_csv(tmp_path, tiny_model_dir):
+    csv = tmp_path / "qa.csv"
+    csv.write_text("question,answer\nWhat is 2+2?,4\nCapital of France?,Paris\n", encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"base_model: {tiny_model_dir}\nmax_steps: 2\nlora:\n  r: 4\n")
+    result = invoke("train", "--data", csv, "--output", tmp_path / "run", "--config", config, "--set", "seed=3")
+    assert result.exit_code == 0, result.output
+    spec = json.loads((tmp_path / "run" / "spec.json").read_text())
+    assert spec["lora"]["r"] == 4 and spec["seed"] == 3 and spec["max_steps"] == 2
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_generate_with_tiny_model_and_adapter(tmp_path, tiny_model_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    assert invoke("train", "--base-model", tiny_model_dir, "--data", data, "--output", tmp_path / "run",
+                  "--max-steps", "1").exit_code == 0
+    result = invoke("generate", "--base-model", tiny_model_dir, "--adapter", tmp_path / "run", "--prompt", "hello",
+                    "--max-new-tokens", "5")
+    assert result.exit_code == 0
+    result = invoke("generate", "--base-model", tiny_model_dir, "--prompt", "hello", "--raw", "--temperature", "0.7",
+                    "--seed", "1", "--max-new-tokens", "3")
+    assert result.exit_code == 0
+    result = invoke("generate", "--base-model", tiny_model_dir, "--prompt", "hello", "--temperature", "-1")
+    assert result.exit_code == 1 and "temperature" in result.output
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["alpaca_en_demo.json", "identity.json"])
+def test_train_embedded_model_on_shared_data_unchanged(tmp_path, name):
+    if not (SHARED / name).is_file():
+        pytest.skip(f"{SHARED / name} not present")
+    out = tmp_path / "run"
+    result = invoke("train", "--data", SHARED / name, "--output", out, "--max-steps", "2", "--batch-size", "2",
+                    "--max-seq-len", "128")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["total_steps"] == 2 and summary["base_model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.model
+def test_data_validate_prints_token_statistics(tmp_path):
+    from loralab.data import sample_path
+
+    result = invoke("data", "validate", sample_path("ja_qa"))
+    assert result.exit_code == 0
+    assert "20 rows" in result.output and "format text" in result.output and "supervised_tokens" in result.output
