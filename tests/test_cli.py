@@ -125,3 +125,31 @@ def test_data_validate_prints_token_statistics(tmp_path):
     result = invoke("data", "validate", sample_path("ja_qa"))
     assert result.exit_code == 0
     assert "20 rows" in result.output and "format text" in result.output and "supervised_tokens" in result.output
+
+
+def test_eval_and_export_commands_on_tiny_model(tmp_path, tiny_model_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n')
+    run = tmp_path / "run"
+    assert invoke("train", "--base-model", tiny_model_dir, "--data", data, "--output", run,
+                  "--max-steps", "1").exit_code == 0
+    result = invoke("eval", "--base-model", tiny_model_dir, "--adapter", run, "--data", data, "--out",
+                    tmp_path / "eval", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "eval" / "report.html").is_file() and (tmp_path / "eval" / "results.csv").is_file()
+    result = invoke("eval", "--base-model", tiny_model_dir, "--data", tmp_path / "missing.jsonl", "--out",
+                    tmp_path / "eval2")
+    assert result.exit_code == 1 and "missing.jsonl" in result.output
+
+    result = invoke("export", run, "--format", "merged", "--out", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "merged" / "config.json").is_file()
+    result = invoke("export", run, "--format", "merged", "--out", tmp_path / "merged")
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    result = invoke("export", run, "--format", "zip", "--out", tmp_path / "z")
+    assert result.exit_code == 1 and "zip" in result.output
+
+
+def test_learn_is_mounted():
+    result = invoke("learn", "list", "--lang", "en")
+    assert result.exit_code == 0 and "LoRA" in result.output

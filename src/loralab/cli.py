@@ -269,11 +269,13 @@ def export_cmd(
                               overwrite=overwrite)
     except (ExportError, ModelNotFoundError) as exc:
         fail(str(exc))
-    console.print(f"[green]exported[/] {format} to {out}")
-    for path in getattr(result, "files", []):
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"[green]exported[/] {format} ({result.architecture or 'model'}) to {result.out_dir}")
+    for path in result.files:
         console.print(f"  {path}")
-    if format == "ollama":
-        console.print(f"run: ollama create my-model -f {Path(out) / 'Modelfile'}")
+    if result.ollama_command:
+        console.print(f"next: {result.ollama_command}")
 
 
 @app.command("eval")
@@ -290,8 +292,11 @@ def eval_cmd(
     from loralab.engine.evaluate import EvalError, evaluate
     from loralab.engine.models import ModelNotFoundError
 
-    def progress(done, total, *rest):
-        err.print(f"\r{done}/{total}", end="")
+    def progress(event: dict):
+        if event.get("stage") == "generate" and event.get("total"):
+            err.print(f"\r{event.get('model', '')}: {event.get('done', 0)}/{event['total']} answers", end="")
+        elif event.get("stage") == "warning":
+            err.print(f"\n[yellow]warning:[/] {event.get('message', '')}")
 
     try:
         summary = evaluate(base_model, adapter, str(data) if data else None, out, max_new_tokens=max_new_tokens,

@@ -366,6 +366,22 @@ def test_unexpressible_template_is_a_clear_error():
     assert 'TEMPLATE """{{ .Prompt }}"""' in build_modelfile(tokenizer, config=None, template="{{ .Prompt }}")
 
 
+def test_ollama_export_checks_the_template_before_merging(tiny_model_dir, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").write_text("{% for m in messages %}Turn {{ loop.index }}: {{ m['content'] }}"
+                                              "{% endfor %}")
+    adapter = _make_adapter(base, tmp_path / "run")
+    with pytest.raises(ExportError, match="cannot express this chat template"):
+        export_model(adapter, "ollama", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    result = export_model(adapter, "ollama", tmp_path / "out", ollama_template="{{ .Prompt }}")
+    assert 'TEMPLATE """{{ .Prompt }}"""' in (tmp_path / "out" / "Modelfile").read_text()
+    assert result.files == ["Modelfile", "README.md", "model.gguf"]
+
+
 # --- errors and the output directory -------------------------------------------------------------
 
 def test_unsupported_architecture_is_named(tiny_model_dir, tmp_path):
@@ -415,7 +431,7 @@ def test_bad_arguments_and_sources(tiny_adapter, tmp_path):
         export_model(tiny_adapter, "merged", tmp_path / "o", base_model="/nope/model")
 
 
-def test_base_model_resolution_order(tiny_model_dir, tmp_path):
+def test_base_model_resolution_order(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "/a"}))
@@ -430,16 +446,28 @@ def test_base_model_resolution_order(tiny_model_dir, tmp_path):
 
 # --- the embedded model --------------------------------------------------------------------------
 
-@pytest.mark.model
-def test_embedded_model_round_trip(tmp_path, monkeypatch):
+@pytest.fixture
+def quick_gguf_loading(monkeypatch):
+    """Speed shims for transformers' GGUF loader on a 49k-token model, and one torch thread on a shared CPU."""
     import gguf
+    import torch
+
+    # the loader rebuilds this map once per submodule (~400 here) and parses the file's metadata twice
+    monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+    monkeypatch.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=4)(gguf.GGUFReader))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two busy cores: OpenMP threads spinning against other jobs cost more than they give
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.model
+def test_embedded_model_round_trip(tmp_path, quick_gguf_loading):
     import torch
     from peft import LoraConfig, get_peft_model
 
     from loralab.engine.models import load_model, load_tokenizer
 
-    # transformers' GGUF loader rebuilds this map once per submodule (~400 here); caching it saves ~15 s a load
-    monkeypatch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
     torch.manual_seed(0)
     base = load_model("smollm2-135m-instruct")
     config = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -478,3 +506,46 @@ def test_embedded_model_round_trip(tmp_path, monkeypatch):
             modelfile = (out / "Modelfile").read_text()
             assert f'TEMPLATE """{CHATML_TEMPLATE}"""' in modelfile
             assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+
+
+def _raw_tensors(path: Path, names: set[str]) -> dict:
+    """Dequantized tensors read straight from the file (no transformers un-permuting)."""
+    import gguf
+    import numpy as np
+    from transformers.integrations.gguf import GgufHeader
+
+    header, blob = GgufHeader.from_file(str(path)), np.memmap(path, mode="r", dtype=np.uint8)
+    out = {}
+    for info in header.tensors:
+        if info.name in names:
+            qtype = gguf.GGMLQuantizationType(info.ggml_type)
+            raw = np.asarray(blob[header.data_start + info.offset:][: info.nbytes])
+            raw = raw.reshape(gguf.quants.quant_shape_to_byte_shape(info.shape, qtype))
+            out[info.name] = gguf.quants.dequantize(raw, qtype).astype(np.float32)
+    return out
+
+
+@pytest.mark.model
+def test_embedded_base_export_matches_llama_cpp_layout(embedded_model_dir, tmp_path):
+    """Exporting the unmodified base reproduces the llama.cpp-made GGUF it came from: tokenizer, names, layout."""
+    import numpy as np
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    from loralab.engine.models import embedded_gguf_path
+
+    export_model(embedded_model_dir, "gguf", tmp_path / "base")
+    original, ours = str(embedded_gguf_path()), tmp_path / "base" / "model.gguf"
+    arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+    (meta_a, names_a), (meta_b, names_b) = read_gguf_metadata(original, arrays), read_gguf_metadata(str(ours), arrays)
+    assert sorted(names_a) == sorted(names_b)
+    same = ["tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.model",
+            "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.add_bos_token", "tokenizer.chat_template", "llama.rope.dimension_count",
+            "llama.rope.freq_base", "llama.attention.head_count_kv", "llama.context_length", "llama.vocab_size"]
+    assert {k: meta_b[k] for k in same} == {k: meta_a[k] for k in same}
+    names = {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.attn_q.weight", "blk.3.ffn_down.weight",
+             "output_norm.weight"}
+    a, b = _raw_tensors(Path(original), names), _raw_tensors(ours, names)
+    for name in names:  # the base is the original Q4_1 dequantized: only float16 rounding separates them
+        assert a[name].shape == b[name].shape
+        assert float(np.abs(a[name] - b[name]).max()) < 5e-3, name

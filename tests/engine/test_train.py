@@ -64,11 +64,15 @@ def test_lora_run_writes_exact_files_and_learns(tmp_path, tiny_model_dir):
     assert types[0] == "started" and types[-1] == "done" and types.count("step") == 10
 
 
-def test_packed_loss_equals_unpacked_loss(tiny_model_dir):
+@pytest.mark.parametrize("attn", ["sdpa", "loralab_packed_sdpa"])
+def test_packed_loss_equals_unpacked_loss(tiny_model_dir, attn):
     from transformers import AutoModelForCausalLM
 
+    from loralab.engine.attention import register_packed_attention
+
+    register_packed_attention()
     # float64 and large random weights: rounding stays tiny while attention leakage would show clearly
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64, attn_implementation=attn)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -80,6 +84,10 @@ def test_packed_loss_equals_unpacked_loss(tiny_model_dir):
         feats.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
     packed_sum, packed_n = causal_lm_loss_sum(model, PackedCollator()(feats))
     padded_sum, padded_n = causal_lm_loss_sum(model, PaddedCollator(0)(feats))
+    if attn != "sdpa":  # padded batches always run on plain SDPA (the engine loads it when packing is off)
+        model.set_attn_implementation("sdpa")
+        padded_sum, padded_n = causal_lm_loss_sum(model, PaddedCollator(0)(feats))
+        model.set_attn_implementation(attn)
     one_by_one = [causal_lm_loss_sum(model, PackedCollator()([f])) for f in feats]
     single_sum = sum(s for s, _ in one_by_one)
     assert packed_n == padded_n == sum(n for _, n in one_by_one)

@@ -14,11 +14,14 @@ from typing import Any
 MATMUL_SHAPE = (1024, 576, 1536)
 
 # Calibrated on SmolLM2-135M (fp32, 2-core AMD EPYC, torch 2.13), see benchmarks/estimate_vs_measured.py.
-CPU_RUNTIME_BYTES = 330 * 2**20  # python + torch + transformers + tokenizer + allocator slack, model excluded
-CUDA_RUNTIME_BYTES = 500 * 2**20  # CUDA context and cuBLAS workspaces
-EFFICIENCY = {"cpu": 0.55, "cuda": 0.45, "mps": 0.35}  # achieved / peak matmul FLOP/s in a training step
-ALLOCATOR_SLACK = 1.10  # freed-but-held blocks and fragmentation on top of live tensors
+RUNTIME_BYTES = {"cpu": 420 * 2**20, "cuda": 600 * 2**20, "mps": 600 * 2**20}  # interpreter, libraries, tokenizer
+# glibc malloc keeps freed activation memory (dynamic mmap threshold) and reuses it badly across steps:
+# peak RSS grows by about this fraction of one step's transient bytes. CUDA's caching allocator holds ~10%.
+ALLOCATOR_RETENTION = {"cpu": 1.0, "cuda": 0.1, "mps": 0.1}
+EFFICIENCY = {"cpu": 0.45, "cuda": 0.40, "mps": 0.30}  # achieved / measured matmul FLOP/s in a training step
 HARDWARE_FILE = "hardware.json"
+ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj")
+MLP_IN_NAMES = ("gate_proj", "up_proj")
 
 
 @dataclass
@@ -119,3 +122,171 @@ def hardware_flops(device: str = "cpu", dtype: str = "fp32", refresh: bool = Fal
     except OSError:  # a read-only home only loses the cache
         pass
     return flops
+
+
+def _dims(config) -> dict[str, int]:
+    """The sizes the activation count needs, read from a (text) model config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    return {
+        "hidden": hidden, "intermediate": int(getattr(text, "intermediate_size", None) or 4 * hidden),
+        "layers": int(text.num_hidden_layers), "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+        "vocab": int(text.vocab_size),
+    }
+
+
+def layer_activation_values(dims: dict[str, int], adapted: set[str] | None, r: int, masked_width: int) -> int:
+    """Values autograd keeps per token in one decoder layer (Llama-style block, SDPA attention).
+
+    `adapted` = names of LoRA-wrapped linears (None = full fine-tuning: every linear keeps its input);
+    `masked_width` = width of the attention mask SDPA materialises per layer (0 = causal, no mask).
+    """
+    h, i, nh = dims["hidden"], dims["intermediate"], dims["heads"]
+    q, kv = nh * dims["head_dim"], dims["kv_heads"] * dims["head_dim"]
+    full = adapted is None
+    names = set() if full else adapted
+
+    def keeps(*wanted: str) -> bool:
+        return full or any(n in names for n in wanted)
+
+    values = 2 * h + 2  # both RMSNorms keep their input and 1/rms
+    values += h if keeps(*ATTENTION_NAMES) else 0  # normalised input of q/k/v
+    values += h if keeps(*MLP_IN_NAMES) else 0  # normalised input of gate/up
+    values += 2 * h if full else 0  # norm weights' gradients need the normalised values too
+    # SDPA keeps q, k, v, its output (= o_proj input) and the log-sum-exp; with a mask transformers
+    # repeats the grouped k/v heads to the query head count first.
+    values += 2 * q + 2 * (q if masked_width else kv) + nh
+    values += 3 * i  # gate (SiLU input), SiLU output, up (the product's operands)
+    values += i if keeps("down_proj") else 0  # down_proj input
+    values += 0 if full else r * len(names)  # LoRA A outputs (inputs of B)
+    values += masked_width  # the float mask SDPA builds from the boolean one, kept by every layer
+    return values
+
+
+def _adapted_names(config, r: int, target_modules) -> tuple[set[str], int, int]:
+    from loralab.learn.calculator import estimate_lora
+
+    lora = estimate_lora(config, r=r, target_modules=target_modules)
+    per_layer = {m.name for m in lora.modules}
+    return per_layer, lora.trainable_params, lora.base_params
+
+
+def _flops_per_token(dims: dict[str, int], base_params: int, trainable: int, method: str,
+                     seq_length: int, supervised_fraction: float) -> tuple[float, dict[str, float]]:
+    """Training FLOPs per real token: dense matmuls + the vocabulary projection where supervised + attention."""
+    head = dims["vocab"] * dims["hidden"]
+    body = max(base_params - head, 0)  # the embedding lookup costs no FLOPs; the tied head is counted below
+    passes = 6 if method == "full" else 4  # forward 2N + activation gradients 2N (+ weight gradients 2N)
+    dense = passes * body + passes * head * supervised_fraction + (6 * trainable if method == "lora" else 0)
+    # QK^T and AV over on average half the example (causal), forward once and twice in backward.
+    attention = 3 * 4 * (seq_length + 1) / 2 * dims["heads"] * dims["head_dim"] * dims["layers"]
+    return dense + attention, {"dense": dense, "attention": attention, "design_4n": 4.0 * base_params}
+
+
+def estimate(model: Any, method: str = "lora", r: int = 8, target_modules: Any = "all-linear",
+             max_seq_length: int = 512, batch_size: int = 4, device: str = "cpu", dtype: str = "fp32",
+             gradient_checkpointing: bool = False, packing: bool = True, seq_length: int | None = None,
+             supervised_fraction: float = 1.0, matmul_flops: float | None = None,
+             measure: bool = True) -> Estimate:
+    """Peak memory and tokens/s of one training configuration, from the config alone (no weights are read).
+
+    `seq_length` is the typical example length (default: max_seq_length, the worst case); batches hold
+    `batch_size` such examples. `supervised_fraction` is the share of tokens that carry loss.
+    `matmul_flops` overrides the measured (and cached) machine speed; `measure=False` skips measuring.
+    """
+    from loralab.learn.calculator import load_config
+
+    if method not in ("lora", "full"):
+        raise ValueError(f"method must be 'lora' or 'full', got {method!r}")
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
+    if max_seq_length < 1 or batch_size < 1:
+        raise ValueError("max_seq_length and batch_size must be positive")
+    config = load_config(model)
+    dims = _dims(config)
+    adapted, trainable, base_params = _adapted_names(config, r, target_modules)
+    if method == "full":
+        adapted, trainable = None, base_params
+    seq = min(seq_length or max_seq_length, max_seq_length)
+    tokens = batch_size * seq
+    supervised = max(0.0, min(1.0, supervised_fraction))
+    weight_bytes = 4 if dtype == "fp32" else 2
+    act_bytes = 4 if dtype == "fp32" else 2
+    # Packing puts the batch in one row whose mask spans all of it; padding masks each row.
+    masked_width = 0 if batch_size == 1 else (tokens if packing else max_seq_length)
+
+    per_layer = layer_activation_values(dims, adapted, r, masked_width)
+    outside = 2 * dims["hidden"] + 1  # final norm input and 1/rms
+    if gradient_checkpointing:
+        # Only each layer's input survives the forward; one layer is recomputed at a time in backward.
+        activations = tokens * (dims["layers"] * dims["hidden"] + per_layer + outside) * act_bytes
+    else:
+        activations = tokens * (dims["layers"] * per_layer + outside) * act_bytes
+    # Log-softmax output kept for backward + its incoming and outgoing gradients (fp32: the loss upcasts).
+    logits = 3 * int(tokens * supervised) * dims["vocab"] * 4
+    if method == "full":
+        trainable_state = base_params * (weight_bytes + 8)  # gradients in the weight dtype + AdamW m, v in fp32
+    else:
+        trainable_state = trainable * 16  # fp32 LoRA weights, gradients and AdamW m, v
+    kind = "cuda" if device.startswith("cuda") else device if device in RUNTIME_BYTES else "cpu"
+    retention = int(ALLOCATOR_RETENTION[kind] * (activations + logits))
+    breakdown = {
+        "weights": base_params * weight_bytes,
+        "trainable_state": trainable_state,
+        "activations": int(activations),
+        "logits": int(logits),
+        "allocator_retention": retention,
+        "runtime": RUNTIME_BYTES[kind],
+    }
+    flops_token, flops_parts = _flops_per_token(dims, base_params, trainable if method == "lora" else 0,
+                                                method, seq, supervised)
+    flops = matmul_flops
+    if flops is None and measure:
+        flops = hardware_flops(kind, "fp32" if kind == "cpu" else dtype)
+    tokens_per_s = flops * EFFICIENCY[kind] / flops_token if flops else None
+    assumptions = {
+        "method": method, "r": r, "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
+        "max_seq_length": max_seq_length, "batch_size": batch_size, "seq_length": seq, "tokens_per_batch": tokens,
+        "supervised_fraction": supervised, "packing": packing, "gradient_checkpointing": gradient_checkpointing,
+        "device": kind, "dtype": dtype, "base_params": base_params, "trainable_params": trainable,
+        "activation_values_per_token_per_layer": per_layer, "model_dims": dims,
+        "matmul_flops": flops, "efficiency": EFFICIENCY[kind], "flops_per_token": flops_token,
+        "flops_per_token_parts": flops_parts,
+        "formula": "memory = weights + trainable state + activations + logits + allocator retention + runtime; "
+                   "tokens/s = matmul FLOP/s x efficiency / FLOPs per token",
+    }
+    return Estimate(peak_memory_bytes=int(sum(breakdown.values())),
+                    tokens_per_s=round(tokens_per_s, 2) if tokens_per_s else None,
+                    breakdown=breakdown, assumptions=assumptions)
+
+
+def recommend(model: Any, available_bytes: int | None = None, headroom: float = 0.9, **kwargs: Any) -> Recommendation:
+    """Decide activation checkpointing: on only when the run without it would not fit `available_bytes`."""
+    from loralab.engine.hardware import available_memory_bytes
+
+    kwargs.pop("gradient_checkpointing", None)
+    device = kwargs.get("device", "cpu")
+    if available_bytes is None:
+        available_bytes = available_memory_bytes("cuda" if str(device).startswith("cuda") else "cpu")
+    budget = int(available_bytes * headroom)
+    without = estimate(model, gradient_checkpointing=False, **kwargs)
+    with_ckpt = estimate(model, gradient_checkpointing=True, measure=False,
+                         matmul_flops=without.assumptions["matmul_flops"], **_without(kwargs, "matmul_flops", "measure"))
+    gib = 2**30
+    if without.peak_memory_bytes <= budget:
+        return Recommendation(False, True, available_bytes,
+                              f"fits without activation checkpointing ({without.peak_memory_bytes / gib:.2f} GiB "
+                              f"of {available_bytes / gib:.2f} GiB available)", without, with_ckpt)
+    fits = with_ckpt.peak_memory_bytes <= budget
+    reason = (f"needs {without.peak_memory_bytes / gib:.2f} GiB without activation checkpointing, "
+              f"{with_ckpt.peak_memory_bytes / gib:.2f} GiB with it; {available_bytes / gib:.2f} GiB available")
+    if not fits:
+        reason += ": lower per_device_train_batch_size or max_seq_length (or use a smaller model)"
+    return Recommendation(True, fits, available_bytes, reason, without, with_ckpt)
+
+
+def _without(kwargs: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k not in names}

@@ -7,11 +7,11 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from loralab.spec import EMBEDDED_MODEL
 
@@ -84,7 +84,9 @@ def export_model(
         if fmt == "merged":
             _export_merged(source, tmp, result)
         else:
-            tokenizer, config, generation_config = _export_gguf(source, tmp, quantization, model_name, result)
+            precheck = _check_ollama_template if fmt == "ollama" and ollama_template is None else None
+            tokenizer, config, generation_config = _export_gguf(source, tmp, quantization, model_name, result,
+                                                                precheck)
             result.gguf_file = target / GGUF_NAME
             if fmt == "ollama":
                 modelfile = build_modelfile(tokenizer, config, generation_config, template=ollama_template,
@@ -142,6 +144,16 @@ def _resolve(base: str):
         return resolve_base_model(base)
     except ModelNotFoundError as exc:
         raise ExportError(f"base model {base!r} cannot be loaded: {exc}") from None
+
+
+def _optional_base_path(source: _Source) -> str | None:
+    """A full model's base (named in its spec.json) helps only with a missing tokenizer; it may be absent."""
+    if not source.base_model:
+        return None
+    try:
+        return _resolve(source.base_model).path
+    except ExportError:
+        return None
 
 
 def _load_tokenizer(source: _Source, base_path: str | None):
@@ -213,8 +225,7 @@ def _export_merged(source: _Source, tmp: Path, result: ExportResult) -> None:
             for file in source.path.glob(pattern):
                 shutil.copy2(file, tmp / file.name)
         if not any((tmp / f).is_file() for f in _TOKENIZER_FILES):
-            base_path = _resolve(source.base_model).path if source.base_model else None
-            _load_tokenizer(source, base_path).save_pretrained(tmp)
+            _load_tokenizer(source, _optional_base_path(source)).save_pretrained(tmp)
         result.architecture = _load_config(str(source.path)).model_type
         return
     import torch
@@ -231,17 +242,29 @@ def _export_merged(source: _Source, tmp: Path, result: ExportResult) -> None:
     result.architecture = model.config.model_type
 
 
-def _export_gguf(source: _Source, tmp: Path, quantization: str, name: str, result: ExportResult):
+def _check_ollama_template(tokenizer) -> None:
+    from loralab.engine.export_ollama import derive_template
+
+    derive_template(tokenizer)
+
+
+def _export_gguf(source: _Source, tmp: Path, quantization: str, name: str, result: ExportResult,
+                 precheck: Callable[[Any], None] | None = None):
     """Write tmp/model.gguf from the merged adapter or the full model directory."""
     from loralab.engine import export_gguf
+
+    def check(config, tokenizer) -> None:  # everything that can fail cheaply, before the slow part
+        export_gguf.check_architecture(config)
+        export_gguf.tokenizer_kind(tokenizer)
+        if precheck is not None:
+            precheck(tokenizer)
 
     if source.kind == "adapter":
         resolved = _resolve(source.base_model)
         base_path = resolved.path
-        config = _load_config(base_path)
-        export_gguf.check_architecture(config)  # fail before the slow part
-        model = _merged_model(source, base_path)
         tokenizer = _load_tokenizer(source, base_path)
+        check(_load_config(base_path), tokenizer)
+        model = _merged_model(source, base_path)
         config, generation_config = model.config, model.generation_config
         tensors = export_gguf.tensors_from_state_dict(model.state_dict())
         info = export_gguf.write_gguf(
@@ -252,9 +275,9 @@ def _export_gguf(source: _Source, tmp: Path, quantization: str, name: str, resul
         from transformers import GenerationConfig
 
         config = _load_config(str(source.path))
-        export_gguf.check_architecture(config)
-        base_path = _resolve(source.base_model).path if source.base_model else None
+        base_path = _optional_base_path(source)
         tokenizer = _load_tokenizer(source, base_path)
+        check(config, tokenizer)
         try:
             generation_config = GenerationConfig.from_pretrained(str(source.path))
         except OSError:
@@ -262,7 +285,8 @@ def _export_gguf(source: _Source, tmp: Path, quantization: str, name: str, resul
         with export_gguf.tensors_from_safetensors(source.path) as tensors:
             info = export_gguf.write_gguf(
                 tmp / GGUF_NAME, config=config, tensors=tensors, tokenizer=tokenizer,
-                quantization=quantization, name=name, tokenizer_pre=_gguf_tokenizer_pre(base_path),
+                quantization=quantization, name=name,
+                tokenizer_pre=_gguf_tokenizer_pre(str(source.path)) or _gguf_tokenizer_pre(base_path),
             )
     result.architecture = info.architecture
     result.warnings.extend(info.warnings)

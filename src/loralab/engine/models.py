@@ -152,14 +152,14 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, dtype=None, device: str = "cpu"):
-    """Load a base causal LM (fp32 on CPU unless a dtype is given); SDPA attention."""
+def load_model(name: str, dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):
+    """Load a base causal LM (fp32 on CPU unless a dtype is given); SDPA attention by default."""
     import torch
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_base_model(name)
     model = AutoModelForCausalLM.from_pretrained(
-        resolved.path, dtype=dtype or torch.float32, attn_implementation="sdpa"
+        resolved.path, dtype=dtype or torch.float32, attn_implementation=attn_implementation
     )
     return model.to(device)
 

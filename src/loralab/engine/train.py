@@ -79,7 +79,11 @@ def prepare_examples(spec: TrainSpec, tokenizer, events: EventWriter | None = No
 def _build_model(spec: TrainSpec, dtype, device: str):
     from loralab.engine.models import load_model
 
-    model = load_model(spec.base_model, dtype=dtype, device=device)
+    from loralab.engine.attention import register_packed_attention
+
+    # Packed rows get per-example causal attention; padded batches keep SDPA with its mask.
+    attn = register_packed_attention() if spec.packing else "sdpa"
+    model = load_model(spec.base_model, dtype=dtype, device=device, attn_implementation=attn)
     model.config.use_cache = False
     if spec.method == "full":
         return model
