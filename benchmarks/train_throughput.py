@@ -255,17 +255,18 @@ def summarise(results: dict, flops: float, n_params: int) -> dict:
     for r in ok.values():
         r["loss_at_common_tokens"] = loss_at_tokens(r["curve"], common)
     out: dict = {"common_tokens": common, "ratios": {}, "targets": {}}
-    lab = ok.get("loralab")
-    for base, key in (("trl-padded", "padded_ratio"), ("trl-packed", "packed_ratio")):
-        if lab and base in ok:
+    for name in [n for n in ok if n.startswith("loralab")]:
+        lab, tag = ok[name], "" if name == "loralab" else f"{name}: "
+        for base, key in (("trl-padded", "padded_ratio"), ("trl-packed", "packed_ratio")):
+            if base not in ok:
+                continue
             ratio = lab["tokens_per_s"] / ok[base]["tokens_per_s"]
-            out["ratios"][f"loralab/{base}"] = ratio
-            out["targets"][f"tokens/s >= {TARGETS[key]:g}x {base}"] = ratio >= TARGETS[key]
+            out["ratios"][f"{name}/{base}"] = ratio
+            out["targets"][f"{tag}tokens/s >= {TARGETS[key]:g}x {base}"] = ratio >= TARGETS[key]
             rel = abs(lab["eval_loss"] - ok[base]["eval_loss"]) / ok[base]["eval_loss"]
-            out["targets"][f"final loss within 5% of {base} ({rel:.1%})"] = rel <= TARGETS["loss_rel"]
-    if lab:
-        out["targets"][f"utilisation >= 70% ({lab['utilisation']:.0%})"] = lab["utilisation"] >= TARGETS["utilisation"]
-        out["targets"][f"peak RSS <= 1.5 GB ({lab['peak_rss_mb']:.0f} MB)"] = lab["peak_rss_mb"] <= TARGETS["peak_rss_mb"]
+            out["targets"][f"{tag}final loss within 5% of {base} ({rel:.1%})"] = rel <= TARGETS["loss_rel"]
+        out["targets"][f"{tag}utilisation >= 70% ({lab['utilisation']:.0%})"] = lab["utilisation"] >= TARGETS["utilisation"]
+        out["targets"][f"{tag}peak RSS <= 1.5 GB ({lab['peak_rss_mb']:.0f} MB)"] = lab["peak_rss_mb"] <= TARGETS["peak_rss_mb"]
     return out
 
 
@@ -277,15 +278,15 @@ def print_report(cfg: dict, results: dict, derived: dict, flops: dict, n_params:
     print(f"machine matmul: {flops['best'] / 1e9:.1f} GFLOP/s fp32 ({'x'.join(map(str, flops['shape']))}, "
           f"before {flops['before'] / 1e9:.1f}, after {flops['after'] / 1e9:.1f}; best used)")
     print("utilisation = tokens/s x 4 x N_params / matmul FLOP/s   (N_params incl. embeddings, tied once)\n")
-    head = (f"{'contender':<11} {'steps':>5} {'tokens':>7} {'train s':>8} {'tokens/s':>9} {'peak RSS MB':>11} "
+    head = (f"{'contender':<12} {'steps':>5} {'tokens':>7} {'train s':>8} {'tokens/s':>9} {'peak RSS MB':>11} "
             f"{'util':>6} {'last loss':>9} {'loss@' + str(derived['common_tokens']) + 'tok':>13} {'eval loss':>9}")
     print(head)
     print("-" * len(head))
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:<11} FAILED: {r['error']}\n{r['stderr_tail']}")
+            print(f"{name:<12} FAILED: {r['error']}\n{r['stderr_tail']}")
             continue
-        print(f"{name:<11} {r['steps']:>5} {r['real_tokens']:>7} {r['train_seconds']:>8.1f} {r['tokens_per_s']:>9.1f} "
+        print(f"{name:<12} {r['steps']:>5} {r['real_tokens']:>7} {r['train_seconds']:>8.1f} {r['tokens_per_s']:>9.1f} "
               f"{r['peak_rss_mb']:>11.0f} {r['utilisation']:>6.1%} {r['final_loss']:>9.4f} "
               f"{r['loss_at_common_tokens']:>13.4f} {r['eval_loss']:>9.4f}")
     print("\n'eval loss' = each trained model's mean assistant-token loss on the same rows, computed the same way.")
