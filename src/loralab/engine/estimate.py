@@ -175,14 +175,14 @@ def _adapted_names(config, r: int, target_modules) -> tuple[set[str], int, int]:
 
 
 def _flops_per_token(dims: dict[str, int], base_params: int, trainable: int, method: str,
-                     seq_length: int, supervised_fraction: float) -> tuple[float, dict[str, float]]:
+                     context: float, supervised_fraction: float) -> tuple[float, dict[str, float]]:
     """Training FLOPs per real token: dense matmuls + the vocabulary projection where supervised + attention."""
     head = dims["vocab"] * dims["hidden"]
     body = max(base_params - head, 0)  # the embedding lookup costs no FLOPs; the tied head is counted below
     passes = 6 if method == "full" else 4  # forward 2N + activation gradients 2N (+ weight gradients 2N)
     dense = passes * body + passes * head * supervised_fraction + (6 * trainable if method == "lora" else 0)
-    # QK^T and AV over on average half the example (causal), forward once and twice in backward.
-    attention = 3 * 4 * (seq_length + 1) / 2 * dims["heads"] * dims["head_dim"] * dims["layers"]
+    # QK^T and AV over `context` keys per query, forward once and twice in backward.
+    attention = 3 * 4 * context * dims["heads"] * dims["head_dim"] * dims["layers"]
     return dense + attention, {"dense": dense, "attention": attention, "design_4n": 4.0 * base_params}
 
 
@@ -241,8 +241,11 @@ def estimate(model: Any, method: str = "lora", r: int = 8, target_modules: Any =
         "allocator_retention": retention,
         "runtime": RUNTIME_BYTES[kind],
     }
+    # A causal kernel visits half the example on average; with an explicit mask SDPA's CPU kernel
+    # computes every score of the (packed) row, masked or not.
+    context = masked_width if masked_width else (seq + 1) / 2
     flops_token, flops_parts = _flops_per_token(dims, base_params, trainable if method == "lora" else 0,
-                                                method, seq, supervised)
+                                                method, context, supervised)
     flops = matmul_flops
     if flops is None and measure:
         flops = hardware_flops(kind, "fp32" if kind == "cpu" else dtype)
