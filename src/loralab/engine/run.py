@@ -15,10 +15,14 @@ def execute(run_dir: Path, echo=None, install_signals: bool = True, stop: thread
     """Run the job in run_dir, turning every outcome into events and an exit code."""
     from pydantic import ValidationError
 
+    from loralab.engine.distributed import die_with_parent, is_main_process, under_torchrun
     from loralab.engine.events import EventWriter
 
     run_dir = Path(run_dir)
-    events = EventWriter(run_dir, echo=echo)
+    if under_torchrun():
+        die_with_parent()  # ranks live in their own sessions: a SIGKILLed torchrun must take them along
+    main = is_main_process()  # under torchrun only rank 0 writes events
+    events = EventWriter(run_dir, echo=echo if main else None, enabled=main)
     stop = stop or threading.Event()
     if install_signals:
         # SIGTERM (cancel) lets the current step finish, writes a checkpoint and exits with 3.

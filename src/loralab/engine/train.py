@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+from loralab.engine import distributed as dist_util
+from loralab.engine import tracking
 from loralab.engine.batching import PackedCollator, PaddedCollator, causal_lm_loss_sum, real_tokens
 from loralab.engine.events import EventWriter
 from loralab.engine.hardware import apply_threads, choose_placement, peak_rss_mb
@@ -79,11 +81,12 @@ def prepare_examples(spec: TrainSpec, tokenizer, events: EventWriter | None = No
 def _build_model(spec: TrainSpec, dtype, device: str):
     from loralab.engine.models import load_model
 
-    from loralab.engine.attention import register_packed_attention
-
-    # Packed rows get per-example causal attention; padded batches keep SDPA with its mask.
-    attn = register_packed_attention() if spec.packing else "sdpa"
-    model = load_model(spec.base_model, dtype=dtype, device=device, attn_implementation=attn)
+    # Packed rows get per-example causal attention (or FA2 on CUDA); padded batches keep SDPA with its mask.
+    attn = dist_util.choose_attention(spec.packing, device)
+    if spec.method == "qlora":
+        model = dist_util.load_qlora_base(spec.base_model, attn, spec.gradient_checkpointing != "off")
+    else:
+        model = load_model(spec.base_model, dtype=dtype, device=dist_util.rank_device(device), attn_implementation=attn)
     model.config.use_cache = False
     if spec.method == "full":
         return model
@@ -111,8 +114,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    done = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+    # Checkpoints are renamed into place when complete; a partial or foreign directory is skipped.
+    done = [p for p in root.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name[11:]), default=None)
 
 
 def _make_trainer_class():
@@ -130,7 +134,15 @@ def _make_trainer_class():
                 self.tokens_seen += real_tokens(inputs)
             denom = num_items_in_batch if num_items_in_batch is not None else max(n, 1)
             loss = loss_sum / denom
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.args.world_size  # the divisor counts every rank's tokens; DDP averages gradients
             return (loss, {"loss": loss}) if return_outputs else loss
+
+        def _get_output_dir(self, trial):
+            return getattr(self, "staging_dir", None) or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            dist_util.save_checkpoint_atomically(self, lambda: super(LoralabTrainer, self)._save_checkpoint(model, trial))
 
     return LoralabTrainer
 
@@ -147,7 +159,8 @@ def _make_callback(events: EventWriter, stop: threading.Event, trainer_ref: dict
             clock["last_tokens"] = 0
 
         def on_step_end(self, args, state, control, **kw):
-            if stop.is_set():
+            # Ranks agree on stopping (a signal reaches them at slightly different steps).
+            if dist_util.global_sum(trainer_ref["trainer"], stop.is_set()) if args.world_size > 1 else stop.is_set():
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -155,7 +168,7 @@ def _make_callback(events: EventWriter, stop: threading.Event, trainer_ref: dict
             logs = logs or {}
             now = time.perf_counter()
             if "loss" in logs:
-                tokens = trainer_ref["trainer"].tokens_seen
+                tokens = dist_util.global_sum(trainer_ref["trainer"], trainer_ref["trainer"].tokens_seen)
                 span = now - clock["last"]
                 done_steps = state.global_step - clock["start_step"]
                 per_step = (now - clock["start"]) / max(done_steps, 1)
@@ -175,6 +188,7 @@ def _make_callback(events: EventWriter, stop: threading.Event, trainer_ref: dict
 
         def on_train_end(self, args, state, control, **kw):
             clock["end"] = time.perf_counter()
+            clock["tokens"] = dist_util.global_sum(trainer_ref["trainer"], trainer_ref["trainer"].tokens_seen)
 
     return EventCallback()
 
@@ -187,14 +201,17 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    events = events or EventWriter(run_dir)
+    main = dist_util.is_main_process()  # only rank 0 writes the run directory's files
+    events = events or EventWriter(run_dir, enabled=main)
     stop = stop or threading.Event()
     try:
         placement = choose_placement(spec.device, spec.precision)
     except ValueError as exc:
         raise EngineError("invalid_precision", str(exc), "precision") from None
+    placement = dist_util.placement_for_rank(placement)
     apply_threads(placement)
-    (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
+    if main:
+        (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
 
     from loralab.engine.models import ModelNotFoundError, load_tokenizer
 
@@ -203,7 +220,7 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
     except ModelNotFoundError as exc:
         raise EngineError("model_not_found", str(exc), "base_model") from None
     train_set, val_set, val_records = prepare_examples(spec, tokenizer, events)
-    if val_records:
+    if val_records and main:
         with open(run_dir / "validation.jsonl", "w", encoding="utf-8") as fh:
             for record in val_records:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -212,7 +229,9 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gradient_checkpointing = spec.gradient_checkpointing == "on"
 
-    steps_per_epoch = math.ceil(len(train_set) / (spec.per_device_train_batch_size * spec.gradient_accumulation_steps))
+    steps_per_epoch = math.ceil(len(train_set) / (spec.per_device_train_batch_size * spec.gradient_accumulation_steps
+                                                  * dist_util.world_size()))
+    report_to, tracking_links = tracking.configure(run_dir, run_name=run_dir.name)
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=spec.per_device_train_batch_size,
@@ -229,9 +248,9 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
         bf16=placement.dtype == "bf16", fp16=placement.dtype == "fp16",
         use_cpu=placement.device == "cpu", dataloader_pin_memory=placement.device == "cuda",
         activation_checkpointing=gradient_checkpointing,
-        remove_unused_columns=False, report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, report_to=report_to or "none", disable_tqdm=True,
         train_sampling_strategy="random" if spec.packing else "group_by_length",
-        average_tokens_across_devices=False,
+        **dist_util.trainer_arguments(spec, placement),
     )
     collator = PackedCollator() if spec.packing else PaddedCollator(tokenizer.pad_token_id)
     trainer_ref: dict = {}
@@ -261,13 +280,13 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
 
     train_seconds = clock.get("end", time.perf_counter()) - clock.get("start", time.perf_counter())
     losses = [h["loss"] for h in state.log_history if "loss" in h]
-    model.save_pretrained(run_dir, safe_serialization=True)
-    tokenizer.save_pretrained(run_dir)
+    dist_util.save_final_model(trainer, model, tokenizer, run_dir, spec)
+    tokens_total = clock.get("tokens", trainer.tokens_seen)
     summary = {
         "status": "succeeded",
         "train_seconds": round(train_seconds, 3),
-        "real_tokens": trainer.tokens_seen,
-        "tokens_per_s": round(trainer.tokens_seen / train_seconds, 2) if train_seconds > 0 else None,
+        "real_tokens": tokens_total,
+        "tokens_per_s": round(tokens_total / train_seconds, 2) if train_seconds > 0 else None,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
@@ -280,9 +299,12 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
         "base_model": spec.base_model,
         "device": placement.device,
         "dtype": placement.dtype,
+        "world_size": dist_util.world_size(),
+        "tracking": tracking.finish_links(tracking_links),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if spec.save_steps == 0:
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if spec.save_steps == 0 and main:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     events.emit("done", **summary)
     return summary

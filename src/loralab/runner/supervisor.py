@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
+from loralab.engine.distributed import exit_code_from_events, uses_torchrun
 from loralab.runner.queue import JobQueue
 from loralab.settings import Settings
 from loralab.store.errors import LeaseLost
@@ -29,7 +30,12 @@ STDERR_TAIL_BYTES = 4000
 RUN_ONLY = {"events.jsonl", "metrics.jsonl", "stdout.log", "stderr.log", "checkpoints", "spec.json"}
 
 
-def engine_command(settings: Settings, run_dir: Path) -> list[str]:
+def engine_command(settings: Settings, run_dir: Path, spec: dict[str, Any] | None = None) -> list[str]:
+    """The engine's argv: torchrun when the spec asks for several processes, else the (configurable) engine."""
+    from loralab.engine.distributed import launch_command
+
+    if spec and uses_torchrun(spec):
+        return launch_command(spec, run_dir)  # [python, -m, torch.distributed.run, ..., -m, loralab.engine.run, RUN_DIR]
     base = list(settings.engine_command) if settings.engine_command else [sys.executable, "-m", "loralab.engine.run"]
     return [*base, str(run_dir)]
 
@@ -172,6 +178,8 @@ class Supervisor:
                 kill_at = None
             time.sleep(self.settings.tail_seconds)
         self._store(tail.read())
+        if uses_torchrun(self.claim.spec):  # torchrun turns a rank's exit 3 into 1
+            rc = exit_code_from_events(rc, self.saw)
         return self._retrying(lambda: self._outcome(rc, cancelling, self.shutting_down))
 
     def _retrying(self, action):
@@ -186,7 +194,7 @@ class Supervisor:
                 time.sleep(min(1.0, self.settings.heartbeat_seconds))
 
     def _spawn(self) -> None:
-        cmd = engine_command(self.settings, self.run_dir)
+        cmd = engine_command(self.settings, self.run_dir, self.claim.spec)
         with open(self.run_dir / "stdout.log", "ab") as out, open(self.run_dir / "stderr.log", "ab") as err:
             # Own process group: cancel signals reach the engine and anything it forks (torchrun ranks).
             self.proc = subprocess.Popen(cmd, cwd=self.run_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,

@@ -4,13 +4,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loralab.services import registry
 from loralab.services.context import Services
+from loralab.services.inference import AdapterError, Piece, Sampling, Stream
 from loralab.services.jobs import check_base_model
 from loralab.spec import EMBEDDED_MODEL, GenerateSpec
 from loralab.store.errors import Invalid
@@ -123,14 +125,41 @@ def _version_target(svc: Services, row) -> tuple[str, str | None, str]:
     return row.base_model, files, row.id  # base_model was checked when the job was created
 
 
-def _load(svc: Services, request: GenerateRequest):
+def _worker(svc: Services, base: str):
     from loralab.engine.models import ModelNotFoundError
+    from loralab.services.inference import get_engine
 
-    base, adapter, label = resolve_target(svc, request)
     try:
-        return (*model_cache(svc).get(base, adapter), label)
+        return get_engine(svc.settings.generate_cache_size).worker(base)
     except ModelNotFoundError as exc:
         raise Invalid(str(exc), code="model_not_found", param="model") from None
+
+
+def open_stream(svc: Services, base: str, adapter: str | None, inputs: list[dict[str, Any]],
+                sampling: Sampling, n: int = 1) -> Stream:
+    """Queue `n` choices per input ({messages}, {prompt} or {ids}) on the batching engine; choice i*n+j."""
+    worker = _worker(svc, base)
+    prompts: list[list[int]] = []
+    try:
+        for item in inputs:
+            ids = item["ids"] if "ids" in item else worker.encode(**item)
+            prompts += [ids] * n
+        seeds = [None if sampling.seed is None else sampling.seed + i % n for i in range(len(prompts))]
+        return worker.submit(prompts, adapter, [replace(sampling, seed=seed) for seed in seeds])
+    except AdapterError as exc:
+        raise Invalid(str(exc), code="bad_adapter", param="model") from None
+    except ValueError as exc:  # empty or too long prompt, template errors
+        raise Invalid(str(exc), code="bad_prompt", param="messages" if "messages" in inputs[0] else "prompt") from None
+
+
+def _sampling(spec: GenerateSpec) -> Sampling:
+    return Sampling(max_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
+                    stop=tuple(spec.stop), repetition_penalty=spec.repetition_penalty)
+
+
+def _open(svc: Services, request: GenerateRequest) -> tuple[Stream, str]:
+    base, adapter, label = resolve_target(svc, request)
+    return open_stream(svc, base, adapter, [_inputs(request)], _sampling(request.sampling())), label
 
 
 def _inputs(request: GenerateRequest) -> dict[str, Any]:
@@ -140,23 +169,113 @@ def _inputs(request: GenerateRequest) -> dict[str, Any]:
 
 
 def generate_text(svc: Services, request: GenerateRequest) -> dict[str, Any]:
-    """One whole completion."""
-    from loralab.engine.generate import generate
-
-    model, tokenizer, lock, label = _load(svc, request)
-    with lock:
-        result = generate(model, tokenizer, settings=request.sampling(), **_inputs(request))
-    return {"model": label, **asdict(result)}
+    """One whole completion (batched with concurrent requests on the same base model)."""
+    stream, label = _open(svc, request)
+    done = stream.result()[0]
+    return {"model": label, "text": done.text, "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}
 
 
 def stream_text(svc: Services, request: GenerateRequest) -> Iterator[str]:
     """Text pieces as they are generated (the model is loaded before the first piece, so errors come early)."""
-    from loralab.engine.generate import stream
-
-    model, tokenizer, lock, _ = _load(svc, request)
+    stream, _ = _open(svc, request)
 
     def pieces() -> Iterator[str]:
-        with lock:
-            yield from stream(model, tokenizer, settings=request.sampling(), **_inputs(request))
+        try:
+            for event in stream:
+                if isinstance(event, Piece):
+                    yield event.text
+        finally:
+            stream.close()
 
     return pieces()
+
+
+# ---- OpenAI-compatible serving: which names a client may ask for -------------------------------------------
+
+STAGES = ("production", "staging", "draft", "archived")
+
+
+def served_models(svc: Services) -> list[dict[str, Any]]:
+    """What /v1/models lists: available base models, fine-tuned versions (ft-…), and names with a served version."""
+    out = [{"id": b["id"], "created": _created(svc.settings.models_dir / b["id"]), "owned_by": "loralab",
+            "root": b["id"], "parent": None, "kind": "base"} for b in registry.base_models(svc) if b["available"]]
+    groups: dict[str, list] = {}
+    for row in svc.repo.list_models():  # ordered by name, newest version first
+        base = _base_label(svc, row.base_model)
+        out.append({"id": row.id, "created": int(row.created_at), "owned_by": "user", "root": base,
+                    "parent": base, "kind": "fine_tuned", "name": row.name, "version": row.version,
+                    "stage": row.stage, "deployed": row.deployed})
+        groups.setdefault(row.name, []).append(row)
+    names = {name: _named_version(rows, "") for name, rows in groups.items()}
+    for name, row in names.items():
+        if row is not None:
+            out.append({"id": name, "created": int(row.created_at), "owned_by": "user",
+                        "root": _base_label(svc, row.base_model), "parent": row.id, "kind": "deployed",
+                        "name": name, "version": row.version, "stage": row.stage, "deployed": row.deployed})
+    return out
+
+
+def resolve_served_model(svc: Services, ref: str) -> tuple[str, str | None, str]:
+    """(base, adapter or None, version label) for an OpenAI `model`: ft-id, name[:version|:stage], production or a base."""
+    from loralab.store.errors import NotFound
+
+    ref = (ref or "").strip()
+    if ID_PATTERNS["model"].fullmatch(ref):
+        return _version_target(svc, svc.repo.get_model(ref))
+    name, _, qualifier = ref.partition(":")
+    rows = svc.repo.list_models(name) if name else []
+    if rows:
+        row = _named_version(rows, qualifier)
+        if row is None:
+            raise NotFound(f"model {ref!r}: no such version of {name!r}. Use {name} (its deployed version), "
+                           f"{name}:<version number>, {name}:<stage> ({', '.join(STAGES)}) or an ft-… id",
+                           code="model_not_found", param="model")
+        return _version_target(svc, row)
+    if ref == "production":
+        return _version_target(svc, _the_deployed(svc))
+    if not qualifier and any(b["id"] == ref and b["available"] for b in registry.base_models(svc)):
+        return check_base_model(svc, ref), None, ref
+    raise NotFound(f"the model {ref!r} does not exist; GET /v1/models lists the models served here",
+                   code="model_not_found", param="model")
+
+
+def _named_version(rows: list, qualifier: str):
+    """The version of a name a qualifier picks: '' = deployed (else production), N = version N, a stage, latest."""
+    if qualifier == "":
+        return next((r for r in rows if r.deployed), None) or next((r for r in rows if r.stage == "production"), None)
+    if qualifier == "latest":
+        return rows[0] if rows else None  # newest first
+    if qualifier.isdigit():
+        return next((r for r in rows if r.version == int(qualifier)), None)
+    return next((r for r in rows if r.stage == qualifier), None)
+
+
+def _the_deployed(svc: Services):
+    """`production`: the one deployed version (or the one production-stage version) across all names."""
+    from loralab.store.errors import NotFound
+
+    rows = svc.repo.list_models()
+    for candidates in ([r for r in rows if r.deployed], [r for r in rows if r.stage == "production"]):
+        if len(candidates) == 1:
+            return candidates[0]
+        if len(candidates) > 1:
+            raise Invalid("'production' is ambiguous: several model names are deployed ("
+                          + ", ".join(sorted({r.name for r in candidates})) + "); give the model name instead",
+                          code="ambiguous_model", param="model")
+    raise NotFound("no model version is deployed: deploy one (POST /api/models/{id}/deploy) or give an ft-… id",
+                   code="model_not_found", param="model")
+
+
+def _base_label(svc: Services, base: str) -> str:
+    try:
+        return str(Path(base).relative_to(svc.settings.models_dir))
+    except ValueError:
+        return base
+
+
+def _created(path: Path) -> int:
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return 0
