@@ -153,3 +153,32 @@ def test_eval_and_export_commands_on_tiny_model(tmp_path, tiny_model_dir):
 def test_learn_is_mounted():
     result = invoke("learn", "list", "--lang", "en")
     assert result.exit_code == 0 and "LoRA" in result.output
+
+
+def test_qlora_on_cpu_is_refused_before_training_and_resume_errors(tmp_path, tiny_model_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    result = invoke("train", "--base-model", tiny_model_dir, "--data", data, "--output", tmp_path / "q",
+                    "--method", "qlora")
+    assert result.exit_code == 1 and "CUDA" in result.output
+    assert not (tmp_path / "q" / "events.jsonl").exists()
+    result = invoke("train", "--resume", tmp_path / "nothing")
+    assert result.exit_code == 1 and "spec.json" in result.output
+    result = invoke("train", "--resume", tmp_path / "nothing", "--r", "4")
+    assert result.exit_code == 1 and "--resume takes the settings" in result.output
+
+
+def test_resume_continues_a_stopped_run(tmp_path, tiny_model_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n' * 8)
+    run = tmp_path / "run"
+    assert invoke("train", "--base-model", tiny_model_dir, "--data", data, "--output", run, "--max-steps", "2",
+                  "--batch-size", "1", "--set", "save_steps=1").exit_code == 0
+    spec = json.loads((run / "spec.json").read_text())
+    spec["max_steps"] = 4  # the run had been meant to go on: resume it from checkpoint-2
+    (run / "spec.json").write_text(json.dumps(spec))
+    result = invoke("train", "--resume", run)
+    assert result.exit_code == 0, result.output
+    started = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines() if '"started"' in l]
+    assert started[-1]["resumed_from_step"] == 2
+    assert json.loads((run / "summary.json").read_text())["total_steps"] == 4

@@ -107,9 +107,19 @@ def run_training(spec: TrainSpec, output: Path, quiet: bool = False) -> dict:
     from loralab.engine.events import read_events
     from loralab.engine.run import EXIT_CANCELLED, EXIT_OK, execute
 
+    from loralab.engine.distributed import check_runtime, launch, uses_torchrun
+
+    problems = check_runtime(spec)
+    if problems:
+        fail(f"{problems[0].message} ({problems[0].param})" if problems[0].param else problems[0].message)
     output.mkdir(parents=True, exist_ok=True)
     (output / "spec.json").write_text(spec.model_dump_json(indent=2))
-    code = execute(output, echo=TrainProgress(quiet))
+    if uses_torchrun(spec):
+        err.print(f"launching {spec.distributed.nproc_per_node} processes per node with torchrun "
+                  f"({spec.distributed.strategy})")
+        code = launch(spec, output)
+    else:
+        code = execute(output, echo=TrainProgress(quiet))
     last = read_events(output)[-1]
     if code == EXIT_CANCELLED:
         err.print(f"cancelled at step {last.get('step')}; checkpoint kept in {last.get('checkpoint')} "
@@ -124,7 +134,9 @@ def run_training(spec: TrainSpec, output: Path, quiet: bool = False) -> dict:
 @app.command()
 def train(
     data: Optional[str] = typer.Option(None, "--data", help="Dataset file: JSONL, JSON, CSV or Parquet."),
-    output: Path = typer.Option(..., "--output", "-o", help="Run directory: adapter, metrics and summary go here."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory: adapter, metrics and summary go here."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Resume the run in this directory from its newest "
+                                          "checkpoint (uses its spec.json; no other settings)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help=f"Base model (default {EMBEDDED_MODEL}): "
                                              "embedded name, hub id, local directory or .gguf file."),
     method: Optional[str] = typer.Option(None, help="lora (default) or full."),
@@ -148,13 +160,35 @@ def train(
         "per_device_train_batch_size": batch_size, "max_seq_length": max_seq_len,
         "data.validation_split": validation_split, "resume_from": str(resume_from) if resume_from else None,
     }
-    spec = build_train_spec(config, flags, set_)
+    if resume is not None:
+        given = [k for k, v in flags.items() if v is not None] + (["--config"] if config else []) + set_
+        if given or (output and output.resolve() != resume.resolve()):
+            fail("--resume takes the settings from RUN_DIR/spec.json; drop the other options "
+                 f"({', '.join(map(str, given)) or '--output'})")
+        spec = _load_run_spec(resume)
+        output = resume
+    elif output is None:
+        fail("--output is required: the run directory for the adapter, metrics and summary")
+    else:
+        spec = build_train_spec(config, flags, set_)
     summary = run_training(spec, output)
     console.print(
         f"[green]done[/] in {summary['train_seconds']:.1f} s of training: {summary['real_tokens']:,} tokens, "
         f"{summary['tokens_per_s']:.1f} tokens/s, final loss {summary['final_loss']:.4f}, "
         f"peak memory {summary['peak_rss_mb']:.0f} MB\nadapter: {output.resolve()}"
     )
+
+
+def _load_run_spec(run_dir: Path) -> TrainSpec:
+    from pydantic import ValidationError
+
+    path = run_dir / "spec.json"
+    if not path.is_file():
+        fail(f"{run_dir} is not a run directory: {path} not found")
+    try:
+        return TrainSpec.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        fail(f"{path}: " + _spec_errors(exc))
 
 
 def _load_or_fail(base_model: str, adapter: Optional[str]):

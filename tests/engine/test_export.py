@@ -201,7 +201,7 @@ def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from conftest import _CORPUS
+    from tiny_models import _CORPUS
 
     # sentencepiece BPE layout: <unk> <s> </s>, 256 byte tokens, then the learned pieces
     learner = Tokenizer(models.BPE())

@@ -41,16 +41,16 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-@pytest.fixture
-def data(tmp_path) -> Path:
-    path = tmp_path / "train.jsonl"
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("resume-data") / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
     return path
 
 
-@pytest.fixture
-def reference(tmp_path, tiny_model_dir, data) -> dict[int, float]:
-    run = tmp_path / "uninterrupted"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, data) -> dict[int, float]:
+    run = tmp_path_factory.mktemp("resume-reference") / "uninterrupted"
     assert start(run, spec_for(tiny_model_dir, data)) == EXIT_OK
     return losses(run)
 
@@ -114,3 +114,42 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_m
     for step in range(3, 9):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), (step, resumed, reference)
     assert not (root / ".checkpoint-4.tmp").exists()  # the next save cleans up staging debris
+
+
+def test_resume_route_queues_a_continuation_of_a_failed_job(tmp_path, loralab_home, monkeypatch, data):
+    from fastapi.testclient import TestClient
+
+    from loralab.api.app import create_app
+    from loralab.api.routes import resume as resume_routes
+    from loralab.settings import get_settings
+
+    monkeypatch.setenv("LORALAB_DATABASE_URL", f"sqlite:///{loralab_home / 'loralab.db'}")
+    app = create_app(get_settings())
+    if not any(getattr(r, "path", "") == "/api/training/jobs/{job_id}/resume" for r in app.routes):
+        app.include_router(resume_routes.router)  # until the lead wires it into create_app
+    svc = app.state.services
+    spec = TrainSpec(data=DataSpec(path=str(data)), save_steps=2).model_dump(mode="json")
+    failed = svc.repo.create_job(spec, None, "m")
+    svc.repo.set_status(failed.id, "failed", error={"code": "engine_crashed", "message": "boom"})
+    early = svc.repo.create_job(spec, None, "m")
+    svc.repo.set_status(early.id, "cancelled")
+    queued = svc.repo.create_job(spec, None, "m")
+    svc.repo.set_status(queued.id, "queued")
+    ckpt = loralab_home / "runs" / failed.id / "checkpoints" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"global_step": 4}')
+    (ckpt.parent / ".checkpoint-6.tmp").mkdir()  # killed while writing: not used
+
+    with TestClient(app) as client:
+        res = client.post(f"/api/training/jobs/{failed.id}/resume")
+        assert res.status_code == 201, res.text
+        body = res.json()
+        assert body["status"] == "queued" and body["id"] != failed.id and body["model_name"] == "m"
+        assert body["resumed_from"] == {"job_id": failed.id, "checkpoint": "checkpoint-4", "step": 4}
+        copied = loralab_home / "runs" / body["id"] / "checkpoints" / "checkpoint-4" / "trainer_state.json"
+        assert copied.read_text() == '{"global_step": 4}'
+        assert client.get(f"/api/training/jobs/{failed.id}").json()["status"] == "failed"  # history unchanged
+        res = client.post(f"/api/training/jobs/{early.id}/resume")
+        assert res.status_code == 422 and res.json()["code"] == "no_checkpoint"
+        res = client.post(f"/api/training/jobs/{queued.id}/resume")
+        assert res.status_code == 409 and res.json()["code"] == "job_not_resumable"

@@ -21,7 +21,7 @@ def error_response(exc: LoralabError) -> JSONResponse:
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     """Build the API app over the database named by `settings` (OpenAPI docs at /docs)."""
-    from loralab.api.routes import datasets, generate, models, system, training, ws
+    from loralab.api.routes import datasets, generate, models, openai, resume, system, training, ws
 
     svc = services or open_services(settings)
 
@@ -39,6 +39,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def _loralab_error(_request: Request, exc: LoralabError):
         return error_response(exc)
 
-    for module in (system, datasets, training, models, generate, ws):
+    for module in (system, datasets, training, resume, models, generate, ws, openai):
         app.include_router(module.router)
     return app

@@ -79,6 +79,46 @@ def exit_code_from_events(rc: int, seen: set[str]) -> int:
     return rc
 
 
+def launch(spec: Any, run_dir: Path | str, node_rank: int | None = None) -> int:
+    """Write RUN_DIR/spec.json and run the engine through torchrun in the foreground; returns the engine's exit code.
+
+    What `loralab train` does when `distributed.strategy` is set (on every host, each with its node_rank).
+    """
+    import subprocess
+
+    from loralab.engine.events import read_events
+
+    spec = _as_spec(spec)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2), encoding="utf-8")
+    rc = subprocess.call(launch_command(spec, run_dir, node_rank=node_rank))
+    return exit_code_from_events(rc, {e.get("type") for e in read_events(run_dir)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loralab.engine.distributed [--print] [--node-rank K] RUN_DIR`: torchrun the spec in RUN_DIR."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m loralab.engine.distributed", description=main.__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--node-rank", type=int, default=None, help="this host's rank (several hosts)")
+    parser.add_argument("--print", action="store_true", help="print the command instead of running it")
+    args = parser.parse_args(argv)
+    spec = _as_spec(json.loads((args.run_dir / "spec.json").read_text(encoding="utf-8")))
+    problems = check_runtime(spec)
+    if problems and not args.print:
+        for problem in problems:
+            print(f"error: {problem.message} ({problem.param})", file=sys.stderr)
+        return 1
+    if args.print:
+        import shlex
+
+        print(shlex.join(launch_command(spec, args.run_dir, node_rank=args.node_rank)))
+        return 0
+    return launch(spec, args.run_dir, node_rank=args.node_rank)
+
+
 # ---- inside a rank ---------------------------------------------------------------------------
 
 
@@ -332,3 +372,7 @@ def check_runtime(spec: Any) -> list[RuntimeProblem]:
                                            f"one of {', '.join(SHIPPED_CONFIGS)} or a JSON/YAML file",
                                            "distributed.config"))
     return problems
+
+
+if __name__ == "__main__":
+    sys.exit(main())

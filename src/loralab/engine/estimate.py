@@ -13,12 +13,14 @@ from typing import Any
 # Shape of one MLP projection of the embedded model (tokens x hidden @ hidden x intermediate).
 MATMUL_SHAPE = (1024, 576, 1536)
 
-# Calibrated on SmolLM2-135M (fp32, 2-core AMD EPYC, torch 2.13), see benchmarks/estimate_vs_measured.py.
-RUNTIME_BYTES = {"cpu": 420 * 2**20, "cuda": 600 * 2**20, "mps": 600 * 2**20}  # interpreter, libraries, tokenizer
-# glibc malloc keeps freed activation memory (dynamic mmap threshold) and reuses it badly across steps:
-# peak RSS grows by about this fraction of one step's transient bytes. CUDA's caching allocator holds ~10%.
-ALLOCATOR_RETENTION = {"cpu": 1.0, "cuda": 0.1, "mps": 0.1}
-EFFICIENCY = {"cpu": 0.45, "cuda": 0.40, "mps": 0.30}  # achieved / measured matmul FLOP/s in a training step
+# Calibrated on SmolLM2-135M (fp32, 2-core AMD EPYC, torch 2.13, glibc malloc) with
+# benchmarks/estimate_vs_measured.py: 4 settings (seq 128-512, batch 1-8, r 8-16), 2 steps each, errors -1..+13%.
+RUNTIME_BYTES = {"cpu": 600 * 2**20, "cuda": 600 * 2**20, "mps": 600 * 2**20}  # interpreter, libraries, tokenizer, data
+# Freed activation memory the allocator keeps (glibc's dynamic mmap threshold; CUDA's caching allocator):
+# peak RSS grows by about this fraction of one step's transient bytes (activations + logits).
+ALLOCATOR_RETENTION = {"cpu": 0.5, "cuda": 0.1, "mps": 0.1}
+# Achieved / measured matmul FLOP/s in a training step (cpu: measured on a busy machine, provisional).
+EFFICIENCY = {"cpu": 0.40, "cuda": 0.40, "mps": 0.30}
 HARDWARE_FILE = "hardware.json"
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj")
 MLP_IN_NAMES = ("gate_proj", "up_proj")

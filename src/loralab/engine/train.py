@@ -197,7 +197,7 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
           stop: threading.Event | None = None) -> dict:
     """Run one fine-tune into run_dir; returns the summary (status 'succeeded' or 'cancelled')."""
     import torch
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, set_seed
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -225,6 +225,7 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
             for record in val_records:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}[placement.dtype]
+    set_seed(spec.seed)  # LoRA's initial A matrices come from the global RNG: same seed, same start
     model = _build_model(spec, dtype, placement.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gradient_checkpointing = spec.gradient_checkpointing == "on"

@@ -17,10 +17,15 @@ BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed-adapter bat
 MAX_BATCH = 16  # rows decoded together by one base worker
 MAX_ADAPTERS = 8  # LoRA adapters kept attached to one base (least recently used detached)
 BATCH_WINDOW_S = 0.005  # an idle worker waits this long for more requests before its first forward
+PREFILL_TOKENS = 4096  # padded prompt tokens prefilled in one forward (bounds memory and the stall of running rows)
 
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be served (missing, not LoRA)."""
+
+
+class WorkerClosed(RuntimeError):
+    """The base model was unloaded (least recently used) between lookup and submit: look it up again."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,7 @@ class BaseWorker:
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         self.eos_ids = {e for e in eos if e is not None}
+        self.vocab_size = getattr(config.get_text_config(), "vocab_size", None) or len(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = pad or 0
         self.steps = 0  # forward passes run (prefill + decode), for tests and benchmarks
@@ -179,6 +185,8 @@ class BaseWorker:
         for index, (ids, sampling) in enumerate(zip(prompts, samplings, strict=True)):
             if not ids:
                 raise ValueError("the prompt is empty: give at least one token")
+            if min(ids) < 0 or max(ids) >= self.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.vocab_size}) for this model")
             room = self.context - len(ids)
             if room < 1:
                 raise ValueError(f"the prompt has {len(ids)} tokens; this model's context holds {self.context}")
@@ -187,7 +195,7 @@ class BaseWorker:
         stream = Stream(rows, out, sum(len(p) for p in unique))
         with self._cond:
             if self._closed:
-                raise RuntimeError("this model was unloaded; retry the request")
+                raise WorkerClosed(f"{self.key} was unloaded; retry the request")
             self._pending.extend(rows)
             self._cond.notify()
         return stream
@@ -213,11 +221,17 @@ class BaseWorker:
                     deadline = time.monotonic() + self.window_s
                     while len(self._pending) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                         self._cond.wait(left)
-                new = []
+                new: list[_Row] = []
+                longest = 0
                 while self._pending and len(self._rows) + len(new) < self.max_batch:
-                    row = self._pending.popleft()
+                    row = self._pending[0]
+                    size = max(longest, len(row.prompt_ids)) * (len(new) + 1)
+                    if new and size > PREFILL_TOKENS:
+                        break  # the rest join at the next step
+                    self._pending.popleft()
                     if not row.cancelled:
                         new.append(row)
+                        longest = max(longest, len(row.prompt_ids))
             try:
                 with torch.inference_mode():
                     if new:
@@ -238,11 +252,11 @@ class BaseWorker:
         import torch
         from transformers import DynamicCache
 
-        ready = []
+        ready, admitting = [], {row.adapter for row in new}
         for row in new:
             try:
                 if row.adapter is not None:
-                    self._attach(row.adapter)
+                    self._attach(row.adapter, admitting)
                 ready.append(row)
             except Exception as exc:  # a broken adapter fails its own rows only
                 row.done = True
@@ -291,30 +305,30 @@ class BaseWorker:
             return self.peft(**kwargs).logits[:, -1].float()
         return self.peft(**kwargs, adapter_names=names).logits[:, -1].float()
 
-    def _attach(self, path: str) -> None:
-        """Load an adapter once (PEFT `load_adapter`), keeping at most `max_adapters` not in use."""
+    def _attach(self, path: str, admitting: set[str | None]) -> None:
+        """Load an adapter once (PEFT `load_adapter`); detach the least recently used beyond `max_adapters`."""
         if path in self.adapters:
             self.adapters.move_to_end(path)
-            return
-        from peft import PeftModel
-
-        name = "a" + hashlib.sha1(path.encode()).hexdigest()[:16]  # PEFT names become module keys: no dots
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
-            self.peft.eval()
-            self._active = name
         else:
-            self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
-        self.adapters[path] = name
-        in_use = {r.adapter for r in self._rows} | {path}
+            from peft import PeftModel
+
+            name = "a" + hashlib.sha1(path.encode()).hexdigest()[:16]  # PEFT names become module keys: no dots
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+                self.peft.eval()
+                self._active = name
+            else:
+                self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
+            self.adapters[path] = name
+        in_use = {r.adapter for r in self._rows} | admitting | {path}
         for old in list(self.adapters):
             if len(self.adapters) <= self.max_adapters:
                 break
             if old not in in_use:
                 old_name = self.adapters.pop(old)
                 if self._active == old_name:
-                    self.peft.set_adapter(name)
-                    self._active = name
+                    self.peft.set_adapter(self.adapters[path])
+                    self._active = self.adapters[path]
                 self.peft.delete_adapter(old_name)
 
     def _merge(self, rows: list[_Row], cache, mask) -> None:

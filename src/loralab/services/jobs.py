@@ -53,6 +53,17 @@ def check_base_model(svc: Services, name: str) -> str:
     return str(path)
 
 
+def _check_runtime(spec: TrainSpec) -> None:
+    """Refuse at validation what this machine cannot run (QLoRA without CUDA, an unknown parallel config...)."""
+    from loralab.engine.distributed import SHIPPED_CONFIGS, check_runtime
+
+    if spec.distributed.config and spec.distributed.config not in SHIPPED_CONFIGS:
+        raise Invalid(f"distributed.config must be one of {', '.join(SHIPPED_CONFIGS)}", param="distributed.config")
+    problems = check_runtime(spec)
+    if problems:
+        raise Invalid(problems[0].message, code=problems[0].code, param=problems[0].param)
+
+
 def create_job(svc: Services, request: CreateJobRequest | dict[str, Any]) -> dict[str, Any]:
     """Validate a job request and queue it; the API only inserts the row, a worker runs it."""
     if not isinstance(request, CreateJobRequest):
@@ -76,6 +87,7 @@ def create_job(svc: Services, request: CreateJobRequest | dict[str, Any]) -> dic
     spec = TrainSpec(base_model=base_model, resume_from=resume_from,
                      data=DataSpec(path=str(dataset_file(svc, dataset)), format=dataset.stats.get(
                          "canonical_format", "auto"), **request.data.model_dump()), **fields)
+    _check_runtime(spec)
     job = svc.repo.create_job(spec.model_dump(mode="json"), dataset.id, model_name)
     if not Path(spec.data.path).is_file():
         job = svc.repo.set_status(job.id, "failed", error={

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loralab.services import registry
 from loralab.services.context import Services
-from loralab.services.inference import AdapterError, Piece, Sampling, Stream
+from loralab.services.inference import AdapterError, Piece, Sampling, Stream, WorkerClosed
 from loralab.services.jobs import check_base_model
 from loralab.spec import EMBEDDED_MODEL, GenerateSpec
 from loralab.store.errors import Invalid
@@ -138,18 +138,26 @@ def _worker(svc: Services, base: str):
 def open_stream(svc: Services, base: str, adapter: str | None, inputs: list[dict[str, Any]],
                 sampling: Sampling, n: int = 1) -> Stream:
     """Queue `n` choices per input ({messages}, {prompt} or {ids}) on the batching engine; choice i*n+j."""
-    worker = _worker(svc, base)
-    prompts: list[list[int]] = []
-    try:
-        for item in inputs:
-            ids = item["ids"] if "ids" in item else worker.encode(**item)
-            prompts += [ids] * n
-        seeds = [None if sampling.seed is None else sampling.seed + i % n for i in range(len(prompts))]
-        return worker.submit(prompts, adapter, [replace(sampling, seed=seed) for seed in seeds])
-    except AdapterError as exc:
-        raise Invalid(str(exc), code="bad_adapter", param="model") from None
-    except ValueError as exc:  # empty or too long prompt, template errors
-        raise Invalid(str(exc), code="bad_prompt", param="messages" if "messages" in inputs[0] else "prompt") from None
+    from jinja2 import TemplateError
+
+    for attempt in range(3):
+        worker = _worker(svc, base)
+        prompts: list[list[int]] = []
+        try:
+            for item in inputs:
+                ids = item["ids"] if "ids" in item else worker.encode(**item)
+                prompts += [ids] * n
+            seeds = [None if sampling.seed is None else sampling.seed + i % n for i in range(len(prompts))]
+            return worker.submit(prompts, adapter, [replace(sampling, seed=seed) for seed in seeds])
+        except WorkerClosed:
+            if attempt == 2:
+                raise
+        except AdapterError as exc:
+            raise Invalid(str(exc), code="bad_adapter", param="model") from None
+        except (ValueError, TemplateError) as exc:  # empty or too long prompt, a template refusing the roles
+            param = "messages" if "messages" in inputs[0] else "prompt"
+            raise Invalid(str(exc), code="bad_prompt", param=param) from None
+    raise AssertionError("unreachable")
 
 
 def _sampling(spec: GenerateSpec) -> Sampling:
@@ -217,7 +225,7 @@ def served_models(svc: Services) -> list[dict[str, Any]]:
 
 
 def resolve_served_model(svc: Services, ref: str) -> tuple[str, str | None, str]:
-    """(base, adapter or None, version label) for an OpenAI `model`: ft-id, name[:version|:stage], production or a base."""
+    """(base, adapter, label) for an OpenAI `model`: ft-id, name[:version or :stage], production, or a base."""
     from loralab.store.errors import NotFound
 
     ref = (ref or "").strip()

@@ -58,8 +58,7 @@ def build_blocks(svc: Services) -> gr.Blocks:
     ctx = UiContext(svc, labels)
     with gr.Blocks(title="loralab", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         with gr.Row(elem_id="header"):
-            title = labels.add(gr.Markdown(_title("en"), elem_id="app-title"),
-                               value=_title)
+            labels.add(gr.Markdown(_title("en"), elem_id="app-title"), value=_title)
             ctx.lang = labels.add(gr.Radio([("English", "en"), ("日本語", "ja")], value="en",
                                            label=t("en", "app.language"), elem_id="lang-toggle", scale=0,
                                            min_width=220), label="app.language")
@@ -72,7 +71,6 @@ def build_blocks(svc: Services) -> gr.Blocks:
                     ctx.pages[name] = modules[name].build(ctx)
         for module in modules.values():
             module.connect(ctx)
-        del title
 
         def detect(saved: str | None, request: gr.Request) -> str:
             if saved in ("en", "ja"):

@@ -62,20 +62,19 @@ def build(ctx) -> dict[str, Any]:
         with gr.Column(scale=2):
             sysinfo = gr.Markdown(elem_id="dash-system")
         with gr.Column(scale=1):
-            links_title = labels.add(gr.Markdown(f"### {t('en', 'dash.links')}"),
-                                     value=lambda lang: f"### {t(lang, 'dash.links')}")
+            labels.add(gr.Markdown(f"### {t('en', 'dash.links')}"),
+                       value=lambda lang: f"### {t(lang, 'dash.links')}")
             go_datasets = labels.add(gr.Button(t("en", "dash.go_datasets"), variant="primary"),
                                      value="dash.go_datasets")
             go_train = labels.add(gr.Button(t("en", "dash.go_train")), value="dash.go_train")
             go_playground = labels.add(gr.Button(t("en", "dash.go_playground")), value="dash.go_playground")
-            api_link = labels.add(gr.Markdown("[API reference (/docs)](/docs)"),
-                                  value=lambda lang: f"[{t(lang, 'dash.api_docs')}](/docs)")
+            labels.add(gr.Markdown("[API reference (/docs)](/docs)"),
+                       value=lambda lang: f"[{t(lang, 'dash.api_docs')}](/docs)")
     running = labels.add(gr.Dataframe(job_table([], "en"), label=t("en", "dash.running"), interactive=False,
                                       elem_id="dash-running"), label="dash.running")
     recent = labels.add(gr.Dataframe(job_table([], "en"), label=t("en", "dash.recent"), interactive=False,
                                      elem_id="dash-recent"), label="dash.recent")
     refresh = labels.add(gr.Button(t("en", "common.refresh"), size="sm"), value="common.refresh")
-    del links_title, api_link
     return {"sysinfo": sysinfo, "running": running, "recent": recent, "refresh": refresh,
             "go": {"datasets": go_datasets, "train": go_train, "playground": go_playground}}
 

@@ -86,7 +86,7 @@ def histogram(svc, dataset_id: str | None, lang: str):
     frame = pd.DataFrame({"tokens": names, "rows": counts})
     summary = t(lang, "ds.token_summary", rows=tokens["rows"], total=tokens["total_tokens"], min=tokens["min"],
                 mean=tokens["mean"], max=tokens["max"])
-    return frame, summary
+    return gr.BarPlot(value=frame, sort=names), summary  # bins in numeric order, not alphabetical
 
 
 def build(ctx) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def build(ctx) -> dict[str, Any]:
         with gr.Column(scale=2):
             hist = labels.add(gr.BarPlot(None, x="tokens", y="rows", y_lim=[0, None],
                                          label=t("en", "ds.hist"), x_title=t("en", "col.tokens"),
-                                         y_title=t("en", "col.count"), elem_id="ds-hist", height=300),
+                                         y_title=t("en", "col.count"), elem_id="ds-hist"),
                               label="ds.hist", x_title="col.tokens", y_title="col.count")
             hist_summary = gr.Markdown(elem_id="ds-hist-summary")
     return {"upload": upload, "name": name, "format": fmt, "status": status, "errors": errors, "table": table,

@@ -131,7 +131,14 @@ STRINGS: dict[str, tuple[str, str]] = {
                        "{device}・パラメーター数 {params} のモデル向けのおすすめ: {summary}"),
     "tr.estimate": ("Estimate", "見積もり"),
     "tr.estimate_button": ("Estimate memory", "メモリを見積もる"),
-    "tr.est_memory": ("Peak memory: about **{memory}**", "ピークメモリ: 約 **{memory}**"),
+    "tr.est_memory": ("Peak memory: about **{memory}** ({available} available now)",
+                      "ピークメモリ: 約 **{memory}**（現在の空き {available}）"),
+    "tr.est_checkpointing": ("Activation checkpointing will be turned on so that it fits.",
+                             "メモリに収めるため、アクティベーション チェックポイントを有効にします。"),
+    "tr.est_no_fit": (("Does not fit even with activation checkpointing: lower the batch size or the max "
+                       "sequence length, or pick a smaller model."),
+                      ("アクティベーション チェックポイントを使っても収まりません。バッチサイズか最大シーケンス長を"
+                       "下げるか、より小さいモデルを選んでください。")),
     "tr.est_speed": ("Speed: about {tps} tokens/s", "速度: 約 {tps} トークン/秒"),
     "tr.est_trainable": ("Trainable parameters: **{trainable}** of {total} ({percent:.2f}%); adapter file about {size}.",
                          "学習するパラメーター: {total} 中 **{trainable}**（{percent:.2f}%）。アダプターのファイルは約 {size}。"),
@@ -163,7 +170,8 @@ STRINGS: dict[str, tuple[str, str]] = {
     "f.temperature": ("Temperature", "温度"),
     "f.top_p": ("Top-p", "Top-p"),
     "f.repetition_penalty": ("Repetition penalty", "繰り返しペナルティ"),
-    "i.base_model": ("", "ベースモデル: 内蔵の「smollm2-135m-instruct」、Hugging Face の ID、ローカルのモデル ディレクトリまたは .gguf ファイル。"),
+    "i.base_model": ("", ("ベースモデル: 内蔵の「smollm2-135m-instruct」、Hugging Face の ID、"
+                          "ローカルのモデル ディレクトリまたは .gguf ファイル。")),
     "i.r": ("LoRA rank: size of the low-rank update matrices.", "LoRA のランク。低ランク更新行列の大きさです。"),
     "i.lora_alpha": ("", "LoRA のスケーリング係数。更新量は lora_alpha / r 倍されます。"),
     "i.lora_dropout": ("", "学習中、LoRA の入力にかけるドロップアウト率。"),

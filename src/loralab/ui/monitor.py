@@ -1,7 +1,6 @@
 """Job monitor page: progress bar, ETA, live loss and learning-rate charts (polled), log tail, cancel, overlay."""
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import gradio as gr
@@ -51,9 +50,10 @@ def summary(job: dict[str, Any], lang: str) -> str:
     else:
         eta = t(lang, "mon.done_in")
     loss = progress.get("loss")
-    lines = [t(lang, "mon.summary", status=t(lang, f"status.{status}"), step=progress.get("step") or 0,
-               total=progress.get("total_steps") or "?", percent=f"{progress.get('percent') or 0:.0f}",
-               loss="-" if loss is None else f"{loss:.4f}", eta=eta)]
+    line = t(lang, "mon.summary", status=t(lang, f"status.{status}"), step=progress.get("step") or 0,
+             total=progress.get("total_steps") or "?", percent=f"{progress.get('percent') or 0:.0f}",
+             loss="-" if loss is None else f"{loss:.4f}", eta=eta)
+    lines = [f"`{job['id']}` {line}"]
     if job.get("error"):
         lines.append(t(lang, "mon.error", code=job["error"]["code"], message=job["error"]["message"]))
     if job.get("result_model_id"):
@@ -81,11 +81,11 @@ def build(ctx) -> dict[str, Any]:
     with gr.Row():
         loss = labels.add(gr.LinePlot(None, x="step", y="loss", color="run", label=t("en", "mon.loss"),
                                       x_title=t("en", "col.step"), y_title=t("en", "col.loss"),
-                                      color_title=t("en", "col.run"), elem_id="mon-loss", height=280),
+                                      color_title=t("en", "col.run"), elem_id="mon-loss"),
                           label="mon.loss", x_title="col.step", y_title="col.loss", color_title="col.run")
         lr = labels.add(gr.LinePlot(None, x="step", y="learning_rate", color="run", label=t("en", "mon.lr"),
                                     x_title=t("en", "col.step"), y_title=t("en", "col.lr"),
-                                    color_title=t("en", "col.run"), elem_id="mon-lr", height=280),
+                                    color_title=t("en", "col.run"), elem_id="mon-lr"),
                         label="mon.lr", x_title="col.step", y_title="col.lr", color_title="col.run")
     logs = labels.add(gr.Textbox(label=t("en", "mon.logs"), lines=8, max_lines=8, interactive=False,
                                  autoscroll=True, elem_id="mon-logs"), label="mon.logs")

@@ -94,8 +94,8 @@ def build(ctx) -> dict[str, Any]:
                                   value="pg.send")
                 clear = labels.add(gr.Button(t("en", "pg.clear"), elem_id="pg-clear", scale=1), value="pg.clear")
         with gr.Column(scale=1, min_width=240):
-            title = labels.add(gr.Markdown(f"### {t('en', 'pg.sampling')}"),
-                               value=lambda lang: f"### {t(lang, 'pg.sampling')}")
+            labels.add(gr.Markdown(f"### {t('en', 'pg.sampling')}"),
+                       value=lambda lang: f"### {t(lang, 'pg.sampling')}")
             system_prompt = labels.add(gr.Textbox(label=t("en", "pg.system"), lines=2, elem_id="pg-system"),
                                        label="pg.system")
             for name, (low, high, step) in SLIDERS.items():
@@ -104,7 +104,6 @@ def build(ctx) -> dict[str, Any]:
                     gr.Slider(low, high, value=GenerateSpec.model_fields[name].default, step=step,
                               label=t("en", f"f.{name}"), info=info("en"), elem_id=f"pg-{name}"),
                     label=f"f.{name}", info=info)
-    del title
     return {"side": side, "model": model, "compare": compare, "chat_a": chat_a, "chat_b": chat_b,
             "column_b": column_b, "prompt": prompt, "send": send, "clear": clear, "system": system_prompt,
             "sliders": sliders}

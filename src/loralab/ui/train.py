@@ -64,7 +64,7 @@ def recommend(svc, base_model: str, dataset_id: str | None) -> tuple[dict[str, A
     gpus = info.get("gpus") or []
     try:
         params = estimate_lora(base_model).base_params
-    except Exception:  # unknown architecture or unreadable config: fall back to size-agnostic values
+    except (ValueError, OSError):  # unknown architecture or unreadable config: size-agnostic values
         params = None
     size = params or 500_000_000
     rows = None
@@ -94,35 +94,50 @@ def recommend(svc, base_model: str, dataset_id: str | None) -> tuple[dict[str, A
 
 
 def estimate_text(svc, spec: dict[str, Any], lang: str) -> str:
-    """Memory and speed from engine.estimate when it is available; trainable parameters from the LoRA calculator."""
-    from loralab.learn.calculator import estimate_lora
-
+    """Peak memory, speed and trainable parameters before starting (engine.estimate; the LoRA calculator as fallback)."""
+    lora = spec.get("lora", {})
+    method, r = spec.get("method") or "lora", int(lora.get("r") or 8)
+    targets = lora.get("target_modules") or "all-linear"
     lines = []
     try:
-        from loralab.engine import estimate as engine_estimate
+        from loralab.engine.estimate import recommend as plan
 
-        fn = getattr(engine_estimate, "estimate", None)
-        if fn is not None:
-            result = fn(TrainSpec.model_validate({**spec, "data": {"path": "-"}}))
-            data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
-            lines.append(t(lang, "tr.est_memory", memory=format_bytes(data.get("peak_memory_bytes"))))
-            if data.get("tokens_per_s"):
-                lines.append(t(lang, "tr.est_speed", tps=f"{data['tokens_per_s']:.0f}"))
-    except Exception:  # the estimator is optional (still being written); the calculator below still answers
-        pass
-    try:
-        lora = spec.get("lora", {})
-        est = estimate_lora(spec["base_model"], int(lora.get("r") or 8), lora.get("target_modules") or "all-linear")
-    except Exception as exc:
-        lines.append(t(lang, "common.error", message=str(exc)))
+        gpu = has_gpu(svc)
+        rec = plan(spec["base_model"], method=method, r=r, target_modules=targets,
+                   max_seq_length=int(spec.get("max_seq_length") or 512),
+                   batch_size=int(spec.get("per_device_train_batch_size") or 1), device="cuda" if gpu else "cpu",
+                   dtype="bf16" if gpu else "fp32", packing=bool(spec.get("packing", True)))
+        chosen = rec.with_checkpointing if rec.gradient_checkpointing else rec.without_checkpointing
+        data = chosen.to_dict()
+        lines.append(t(lang, "tr.est_memory", memory=format_bytes(data["peak_memory_bytes"]),
+                       available=format_bytes(rec.available_bytes)))
+        if data.get("tokens_per_s"):
+            lines.append(t(lang, "tr.est_speed", tps=f"{data['tokens_per_s']:.0f}"))
+        if not rec.fits:
+            lines.append(t(lang, "tr.est_no_fit"))
+        elif rec.gradient_checkpointing:
+            lines.append(t(lang, "tr.est_checkpointing"))
+        base, trainable = data["assumptions"]["base_params"], data["assumptions"]["trainable_params"]
+        if method == "full":
+            lines.append(t(lang, "tr.est_full", total=format_count(base)))
+        else:
+            lines.append(t(lang, "tr.est_trainable", trainable=format_count(trainable),
+                           total=format_count(base + trainable), percent=100 * trainable / (base + trainable),
+                           size=format_bytes(4 * trainable)))
         return "\n\n".join(lines)
-    if spec.get("method") == "full":
-        lines.append(t(lang, "tr.est_full", total=format_count(est.base_params)))
-    else:
-        lines.append(t(lang, "tr.est_trainable", trainable=format_count(est.trainable_params),
-                       total=format_count(est.total_params), percent=est.trainable_percent,
-                       size=format_bytes(est.adapter_bytes_fp32)))
-    return "\n\n".join(lines)
+    except (ValueError, OSError, KeyError, ImportError):  # estimator cannot read it: count parameters only
+        pass
+    from loralab.learn.calculator import estimate_lora
+
+    try:
+        est = estimate_lora(spec["base_model"], r, targets)
+    except (ValueError, OSError) as exc:
+        return t(lang, "common.error", message=str(exc))
+    if method == "full":
+        return t(lang, "tr.est_full", total=format_count(est.base_params))
+    return t(lang, "tr.est_trainable", trainable=format_count(est.trainable_params),
+             total=format_count(est.total_params), percent=est.trainable_percent,
+             size=format_bytes(est.adapter_bytes_fp32))
 
 
 def collect(base_model: str, dataset_id: str | None, method: str, model_name: str,
@@ -149,8 +164,8 @@ def build(ctx) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=3):
-            setup = labels.add(gr.Markdown(f"### {t('en', 'tr.setup')}"),
-                               value=lambda lang: f"### {t(lang, 'tr.setup')}")
+            labels.add(gr.Markdown(f"### {t('en', 'tr.setup')}"),
+                       value=lambda lang: f"### {t(lang, 'tr.setup')}")
             with gr.Row():
                 base_info = field_info(TrainSpec, "base_model")
                 base = labels.add(gr.Dropdown(base_model_choices(ctx.svc), value=EMBEDDED_MODEL,
@@ -171,8 +186,8 @@ def build(ctx) -> dict[str, Any]:
             model_name = labels.add(gr.Textbox(label=t("en", "tr.model_name"), info=t("en", "tr.model_name_info"),
                                                max_length=100, elem_id="train-model-name"),
                                     label="tr.model_name", info="tr.model_name_info")
-            hyper = labels.add(gr.Markdown(f"### {t('en', 'tr.hyper')}"),
-                               value=lambda lang: f"### {t(lang, 'tr.hyper')}")
+            labels.add(gr.Markdown(f"### {t('en', 'tr.hyper')}"),
+                       value=lambda lang: f"### {t(lang, 'tr.hyper')}")
             with gr.Row():
                 for name in LORA_FIELDS:
                     fields[name] = field_component(labels, name)
@@ -187,15 +202,14 @@ def build(ctx) -> dict[str, Any]:
             recommend_button = labels.add(gr.Button(t("en", "tr.recommend"), elem_id="train-recommend"),
                                           value="tr.recommend")
             advice = gr.Markdown(elem_id="train-advice")
-            estimate_title = labels.add(gr.Markdown(f"### {t('en', 'tr.estimate')}"),
-                                        value=lambda lang: f"### {t(lang, 'tr.estimate')}")
+            labels.add(gr.Markdown(f"### {t('en', 'tr.estimate')}"),
+                       value=lambda lang: f"### {t(lang, 'tr.estimate')}")
             estimate = gr.Markdown(elem_id="train-estimate")
             estimate_button = labels.add(gr.Button(t("en", "tr.estimate_button"), size="sm"),
                                          value="tr.estimate_button")
             start = labels.add(gr.Button(t("en", "tr.start"), variant="primary", size="lg", elem_id="train-start"),
                                value="tr.start")
             status = gr.Markdown(elem_id="train-status")
-    del setup, hyper, estimate_title
     return {"base": base, "dataset": dataset, "method": method, "model_name": model_name, "fields": fields,
             "recommend": recommend_button, "advice": advice, "estimate": estimate,
             "estimate_button": estimate_button, "start": start, "status": status}
