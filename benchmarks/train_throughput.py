@@ -23,7 +23,11 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 from loralab.engine.estimate import MATMUL_SHAPE, measure_matmul_flops  # noqa: E402
 CONTENDERS = ("loralab", "trl-padded", "trl-packed")
 # Not run by default: the engine with glibc's mmap threshold fixed (freed activations go back to the OS).
-EXTRA = {"loralab-mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+EXTRA = {
+    "loralab-mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+    "loralab-trim": {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"},
+    "loralab-jemalloc": {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0"},
+}
 MODEL = "smollm2-135m-instruct"
 TARGETS = {"padded_ratio": 3.0, "packed_ratio": 2.0, "loss_rel": 0.05, "utilisation": 0.70, "peak_rss_mb": 1536.0}
 
@@ -82,6 +86,7 @@ def _run_loralab(cfg: dict, out_dir: Path) -> dict:
         learning_rate=cfg["lr"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch_size"],
         max_seq_length=cfg["max_seq_len"], seed=cfg["seed"], packing=True, precision="fp32", device="cpu",
         gradient_checkpointing="off", logging_steps=1, save_steps=0,
+        micro_batch_tokens=cfg.get("micro_batch_tokens", 0),
     )
     if cfg.get("profile_steps"):
         return _profile(spec.model_copy(update={"max_steps": cfg["profile_steps"]}), out_dir)
@@ -306,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch over the rows)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--micro-batch-tokens", type=int, default=0,
+                        help="loralab's token budget per forward/backward piece (0 = the engine's automatic choice)")
     parser.add_argument("--only", default=",".join(CONTENDERS),
                         help="comma-separated: " + ",".join((*CONTENDERS, *EXTRA)))
     parser.add_argument("--json", dest="json_out", help="write every figure to this file")
@@ -327,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"data file not found: {args.data}")
     steps = args.steps or math.ceil(args.rows / args.batch_size)
     cfg = {"data": str(Path(args.data).resolve()), "rows": args.rows, "max_seq_len": args.max_seq_len,
-           "batch_size": args.batch_size, "r": args.r, "steps": steps, "lr": args.lr, "seed": args.seed}
+           "batch_size": args.batch_size, "r": args.r, "steps": steps, "lr": args.lr, "seed": args.seed,
+           "micro_batch_tokens": args.micro_batch_tokens}
 
     from loralab.engine.models import resolve_base_model
 

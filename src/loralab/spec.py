@@ -117,6 +117,11 @@ class TrainSpec(_Strict):
         True,
         description="Padding-free batches: examples are concatenated with attention kept inside each one.",
     )
+    micro_batch_tokens: int = Field(
+        0, ge=0,
+        description="Run each packed batch as pieces of whole examples of at most this many tokens to bound "
+        "activation memory; the gradient is unchanged. 0 = automatic (512 on CPU, no split on GPU).",
+    )
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only (chat and alpaca rows).")
     precision: Precision = Field("auto", description="'auto' picks bf16/fp16 on capable GPUs, fp32 on CPUs.")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(

@@ -161,3 +161,28 @@ def test_cancel_with_sigterm_checkpoints_and_exits_3(tmp_path, tiny_model_dir):
     # running again resumes from that checkpoint
     started = [e for e in read_events(run_dir) if e["type"] == "started"]
     assert started[0]["resumed_from_step"] == 0
+
+
+def test_micro_batches_give_the_same_gradient(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from loralab.engine.attention import register_packed_attention
+    from loralab.engine.batching import split_packed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64,
+                                                 attn_implementation=register_packed_attention())
+    torch.manual_seed(0)
+    feats = []
+    for n in (7, 12, 5, 9):
+        ids = torch.randint(3, model.config.vocab_size, (n,)).tolist()
+        feats.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    batch = PackedCollator()(feats)
+    pieces = split_packed(batch, 14)
+    assert [p["input_ids"].shape[1] for p in pieces] == [7, 12, 14]  # whole examples, a long one alone
+    grads = []
+    for parts in ([batch], pieces):
+        model.zero_grad()
+        total = sum(causal_lm_loss_sum(model, p)[0] for p in parts)
+        total.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)

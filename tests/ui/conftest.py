@@ -84,7 +84,7 @@ class PageWatch:
         self.console_errors: list[str] = []
         page.on("request", lambda request: self.requests.append(request.url))
         page.on("console", lambda msg: msg.type == "error" and self.console_errors.append(msg.text))
-        page.on("pageerror", lambda exc: self.console_errors.append(f"pageerror: {exc}"))
+        page.on("pageerror", lambda exc: self.console_errors.append(f"pageerror: {exc} {exc.stack}"))
 
     def external(self) -> list[str]:
         return [url for url in self.requests

@@ -60,6 +60,26 @@ class PaddedCollator:
         }
 
 
+def split_packed(batch: dict, max_tokens: int) -> list[dict]:
+    """Cut a packed row into runs of whole examples of at most max_tokens (an example longer stays whole).
+
+    Each example's last target is already ignored, so the pieces' summed loss and gradient equal
+    the whole row's; only the activations alive at once shrink.
+    """
+    positions = batch["position_ids"][0]
+    starts = (positions == 0).nonzero().flatten().tolist() + [int(positions.shape[0])]
+    cuts, begin = [], 0
+    for a, b in zip(starts, starts[1:]):
+        if b - begin > max_tokens and a > begin:
+            cuts.append((begin, a))
+            begin = a
+    cuts.append((begin, starts[-1]))
+    if len(cuts) == 1:
+        return [batch]
+    keys = ("input_ids", "position_ids", "labels", "shift_labels")
+    return [{k: batch[k][:, a:b] for k in keys if k in batch} for a, b in cuts]
+
+
 def real_tokens(batch) -> int:
     """Tokens that are not padding."""
     if "attention_mask" in batch:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from loralab.engine import distributed as dist_util
 from loralab.engine import tracking
-from loralab.engine.batching import PackedCollator, PaddedCollator, causal_lm_loss_sum, real_tokens
+from loralab.engine.batching import PackedCollator, PaddedCollator, causal_lm_loss_sum, real_tokens, split_packed
 from loralab.engine.events import EventWriter
 from loralab.engine.hardware import apply_threads, choose_placement, peak_rss_mb
 from loralab.spec import TrainSpec
@@ -138,6 +138,24 @@ def _make_trainer_class():
                 loss = loss * self.args.world_size  # the divisor counts every rank's tokens; DDP averages gradients
             return (loss, {"loss": loss}) if return_outputs else loss
 
+        micro_batch_tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """Run a packed batch as runs of whole examples when it exceeds the token budget (same gradient)."""
+            import contextlib
+
+            pieces = (split_packed(inputs, self.micro_batch_tokens)
+                      if self.micro_batch_tokens and "position_ids" in inputs else [inputs])
+            total = None
+            for i, piece in enumerate(pieces):
+                last = i == len(pieces) - 1
+                # gradients are synchronised across ranks once, after the last piece
+                ctx = contextlib.nullcontext() if last or self.args.world_size == 1 else self.accelerator.no_sync(model)
+                with ctx:
+                    loss = super().training_step(model, piece, num_items_in_batch)
+                total = loss if total is None else total + loss
+            return total
+
         def _get_output_dir(self, trial):
             return getattr(self, "staging_dir", None) or super()._get_output_dir(trial)
 
@@ -262,6 +280,8 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
         callbacks=[_make_callback(events, stop, trainer_ref, clock)],
     )
     trainer_ref["trainer"] = trainer
+    if spec.packing:
+        trainer.micro_batch_tokens = spec.micro_batch_tokens or (512 if placement.device == "cpu" else 0)
     resume = latest_checkpoint(run_dir)
     resumed_step = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     total = spec.max_steps if spec.max_steps > 0 else math.ceil(steps_per_epoch * spec.num_train_epochs)

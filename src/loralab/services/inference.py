@@ -24,6 +24,10 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be served (missing, not LoRA)."""
 
 
+class PromptTooLong(ValueError):
+    """A prompt that leaves no room for a generated token in the model's context."""
+
+
 class WorkerClosed(RuntimeError):
     """The base model was unloaded (least recently used) between lookup and submit: look it up again."""
 
@@ -189,7 +193,8 @@ class BaseWorker:
                 raise ValueError(f"token ids must lie in [0, {self.vocab_size}) for this model")
             room = self.context - len(ids)
             if room < 1:
-                raise ValueError(f"the prompt has {len(ids)} tokens; this model's context holds {self.context}")
+                raise PromptTooLong(f"the prompt has {len(ids)} tokens but this model's context holds {self.context}: "
+                                    "shorten the messages")
             rows.append(_Row(index, ids, adapter, sampling, min(sampling.max_tokens, room), out))
         unique = {tuple(r.prompt_ids) for r in rows}
         stream = Stream(rows, out, sum(len(p) for p in unique))

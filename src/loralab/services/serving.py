@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loralab.services import registry
 from loralab.services.context import Services
-from loralab.services.inference import AdapterError, Piece, Sampling, Stream, WorkerClosed
+from loralab.services.inference import AdapterError, Piece, PromptTooLong, Sampling, Stream, WorkerClosed
 from loralab.services.jobs import check_base_model
 from loralab.spec import EMBEDDED_MODEL, GenerateSpec
 from loralab.store.errors import Invalid
@@ -154,6 +154,8 @@ def open_stream(svc: Services, base: str, adapter: str | None, inputs: list[dict
                 raise
         except AdapterError as exc:
             raise Invalid(str(exc), code="bad_adapter", param="model") from None
+        except PromptTooLong as exc:
+            raise Invalid(str(exc), code="context_length_exceeded", param="messages") from None
         except (ValueError, TemplateError) as exc:  # empty or too long prompt, a template refusing the roles
             param = "messages" if "messages" in inputs[0] else "prompt"
             raise Invalid(str(exc), code="bad_prompt", param=param) from None

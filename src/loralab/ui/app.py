@@ -65,7 +65,9 @@ def build_blocks(svc: Services) -> gr.Blocks:
         stored = gr.BrowserState(None, storage_key="loralab-language")
         with gr.Tabs(elem_id="pages") as ctx.tabs:
             for name in PAGES:
-                with gr.Tab(t("en", f"tab.{name}"), id=name, elem_id=f"tab-{name}") as tab:
+                # render_children: hidden pages stay mounted, so a chart redrawn during a tab switch
+                # never loses its element (Gradio's plot reads offsetWidth after an await)
+                with gr.Tab(t("en", f"tab.{name}"), id=name, elem_id=f"tab-{name}", render_children=True) as tab:
                     labels.add(tab, label=f"tab.{name}")
                     ctx.tab_items[name] = tab
                     ctx.pages[name] = modules[name].build(ctx)
@@ -92,9 +94,15 @@ def build_blocks(svc: Services) -> gr.Blocks:
     return demo
 
 
+def warm_imports() -> None:
+    """Import transformers' lazy names once, here: first imports racing in Gradio's worker threads can fail."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer  # noqa: F401
+
+
 def mount_ui(app: FastAPI, services: Services | None = None) -> FastAPI:
     """Mount the web UI at / of `app` (routes added before this call keep priority: /api, /docs, /ws, /v1)."""
     svc = services or app.state.services
+    warm_imports()
     token = svc.settings.api_token
     auth = None
     if token:  # the same secret protects the UI: any user name, the API token as password

@@ -72,21 +72,28 @@ def preview(svc, dataset_id: str | None, page: float | None, lang: str):
     return frame, page, f"{text} · {page} / {pages}"
 
 
+def hist_titles(lang: str) -> dict[str, str]:
+    return {"label": t(lang, "ds.hist"), "x_title": t(lang, "col.tokens"), "y_title": t(lang, "col.count")}
+
+
 def histogram(svc, dataset_id: str | None, lang: str):
     """Token-length histogram (rows per length bin) and a one-line summary."""
-    if not dataset_id:  # None, not an empty frame, which would fix the chart's field types
-        return None, ""
+    # Titles travel with the data (separate prop updates racing a redraw break Gradio's plot). A drawn chart is
+    # never set back to None (its resize observer would then read a removed element), nor to an empty frame
+    # (which fixes the field types): without data it is left as it is.
+    if not dataset_id:
+        return gr.update(), ""
     try:
         stats = datasets.dataset_stats(svc, dataset_id)
     except LoralabError as exc:
-        return None, t(lang, "common.error", message=exc.message)
+        return gr.update(), t(lang, "common.error", message=exc.message)
     tokens = stats["tokens"]
     edges, counts = tokens["histogram"]["bins"], tokens["histogram"]["counts"]
     names = [f"{edges[i]}–{edges[i + 1]}" for i in range(len(counts))]
     frame = pd.DataFrame({"tokens": names, "rows": counts})
     summary = t(lang, "ds.token_summary", rows=tokens["rows"], total=tokens["total_tokens"], min=tokens["min"],
                 mean=tokens["mean"], max=tokens["max"])
-    return gr.BarPlot(value=frame, sort=names), summary  # bins in numeric order, not alphabetical
+    return gr.BarPlot(value=frame, sort=names, **hist_titles(lang)), summary  # sort: numeric bin order
 
 
 def build(ctx) -> dict[str, Any]:
@@ -123,10 +130,7 @@ def build(ctx) -> dict[str, Any]:
                                        value="ds.next")
             page_info = gr.Markdown(elem_id="ds-page-info")
         with gr.Column(scale=2):
-            hist = labels.add(gr.BarPlot(None, x="tokens", y="rows", y_lim=[0, None],
-                                         label=t("en", "ds.hist"), x_title=t("en", "col.tokens"),
-                                         y_title=t("en", "col.count"), elem_id="ds-hist"),
-                              label="ds.hist", x_title="col.tokens", y_title="col.count")
+            hist = gr.BarPlot(None, x="tokens", y="rows", y_lim=[0, None], elem_id="ds-hist", **hist_titles("en"))
             hist_summary = gr.Markdown(elem_id="ds-hist-summary")
     return {"upload": upload, "name": name, "format": fmt, "status": status, "errors": errors, "table": table,
             "pick": pick, "delete": delete, "rows": rows, "page": page, "prev": prev_page, "next": next_page,
@@ -190,3 +194,4 @@ def connect(ctx) -> None:
     ctx.tab_items["datasets"].select(refresh, inputs=[p["pick"], lang], outputs=[p["table"], p["pick"]], **private)
     ctx.on_language.append((refresh, [p["pick"], lang], [p["table"], p["pick"]]))
     ctx.on_language.append((show, [p["pick"], p["page"], lang], view))
+    ctx.on_language.append((lambda d, lg: histogram(svc, d, lg), [p["pick"], lang], [p["hist"], p["hist_summary"]]))

@@ -34,6 +34,19 @@ def curves(svc, job_ids: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def chart_titles(lang: str, y: str) -> dict[str, str]:
+    """Label and axis titles of the loss or learning-rate chart in `lang`."""
+    label, title = ("mon.loss", "col.loss") if y == "loss" else ("mon.lr", "col.lr")
+    return {"label": t(lang, label), "x_title": t(lang, "col.step"), "y_title": t(lang, title),
+            "color_title": t(lang, "col.run")}
+
+
+def chart(data: pd.DataFrame, y: str, lang: str):
+    """One update carrying data and titles: separate prop updates racing a redraw break Gradio's plot."""
+    value = data[["step", y, "run"]] if len(data) else None  # None: an empty frame would fix the field types
+    return gr.LinePlot(value=value, **chart_titles(lang, y))
+
+
 def progress_html(percent: float | None) -> str:
     value = max(0.0, min(100.0, float(percent or 0)))
     return (f'<div class="progress-outer" role="progressbar" aria-valuenow="{value:.0f}" aria-valuemin="0" '
@@ -79,14 +92,10 @@ def build(ctx) -> dict[str, Any]:
     bar = gr.HTML(progress_html(0), elem_id="mon-progress")
     status = gr.Markdown(elem_id="mon-summary")
     with gr.Row():
-        loss = labels.add(gr.LinePlot(None, x="step", y="loss", color="run", label=t("en", "mon.loss"),
-                                      x_title=t("en", "col.step"), y_title=t("en", "col.loss"),
-                                      color_title=t("en", "col.run"), elem_id="mon-loss"),
-                          label="mon.loss", x_title="col.step", y_title="col.loss", color_title="col.run")
-        lr = labels.add(gr.LinePlot(None, x="step", y="learning_rate", color="run", label=t("en", "mon.lr"),
-                                    x_title=t("en", "col.step"), y_title=t("en", "col.lr"),
-                                    color_title=t("en", "col.run"), elem_id="mon-lr"),
-                        label="mon.lr", x_title="col.step", y_title="col.lr", color_title="col.run")
+        # charts are relabelled together with their data (see chart()), never on their own
+        loss = gr.LinePlot(None, x="step", y="loss", color="run", elem_id="mon-loss", **chart_titles("en", "loss"))
+        lr = gr.LinePlot(None, x="step", y="learning_rate", color="run", elem_id="mon-lr",
+                         **chart_titles("en", "learning_rate"))
     logs = labels.add(gr.Textbox(label=t("en", "mon.logs"), lines=8, max_lines=8, interactive=False,
                                  autoscroll=True, elem_id="mon-logs"), label="mon.logs")
     with gr.Row():
@@ -125,10 +134,8 @@ def connect(ctx) -> None:
             return (progress_html(0), t(language, "common.error", message=exc.message), gr.update(), gr.update(),
                     "", gr.Button(visible=False), gr.Timer(active=False))
         active = job["status"] in ACTIVE
-        # an empty frame would fix the chart's field types before any data arrives: send None instead
-        loss = data[["step", "loss", "run"]] if len(data) else None
-        rate = data[["step", "learning_rate", "run"]] if len(data) else None
-        return (progress_html(job["progress"].get("percent")), summary(job, language), loss, rate, tail,
+        return (progress_html(job["progress"].get("percent")), summary(job, language), chart(data, "loss", language),
+                chart(data, "learning_rate", language), tail,
                 gr.Button(visible=bool(job.get("result_model_id"))), gr.Timer(active=active))
 
     def open_playground(job_id: str | None, language: str):

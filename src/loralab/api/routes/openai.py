@@ -132,7 +132,7 @@ class CompletionRequest(_Request):
 
 
 def _unsupported(param: str, what: str) -> LoralabError:
-    return LoralabError(f"{what} is not supported by this server; leave `{param}` out", code="unsupported_parameter",
+    return LoralabError(f"{what} is not supported by this server (`{param}`)", code="unsupported_parameter",
                         param=param)
 
 
