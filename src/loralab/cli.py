@@ -105,7 +105,9 @@ class TrainProgress:
 def run_training(spec: TrainSpec, output: Path, quiet: bool = False) -> dict:
     """Train in this process with a progress bar; exits with the engine's code on failure or cancel."""
     from loralab.engine.events import read_events
-    from loralab.engine.run import EXIT_CANCELLED, EXIT_OK, execute
+    from loralab.engine.run import EXIT_CANCELLED, EXIT_OK, execute, quiet_libraries
+
+    quiet_libraries()
 
     from loralab.engine.distributed import check_runtime, launch, uses_torchrun
 

@@ -69,7 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     def echo(event):  # the supervisor reads events.jsonl; stdout is a human-readable trace
         print(json.dumps(event, ensure_ascii=False), flush=True)
 
+    quiet_libraries()
     return execute(Path(argv[0]), echo=echo)
+
+
+def quiet_libraries() -> None:
+    """Keep the job log to what users act on: no weight-loading bars or library deprecation notices."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":

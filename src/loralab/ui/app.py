@@ -65,9 +65,7 @@ def build_blocks(svc: Services) -> gr.Blocks:
         stored = gr.BrowserState(None, storage_key="loralab-language")
         with gr.Tabs(elem_id="pages") as ctx.tabs:
             for name in PAGES:
-                # render_children: hidden pages stay mounted, so a chart redrawn during a tab switch
-                # never loses its element (Gradio's plot reads offsetWidth after an await)
-                with gr.Tab(t("en", f"tab.{name}"), id=name, elem_id=f"tab-{name}", render_children=True) as tab:
+                with gr.Tab(t("en", f"tab.{name}"), id=name, elem_id=f"tab-{name}") as tab:
                     labels.add(tab, label=f"tab.{name}")
                     ctx.tab_items[name] = tab
                     ctx.pages[name] = modules[name].build(ctx)
