@@ -10,7 +10,7 @@ def test_demo_teaches_the_sample_facts(tmp_path):
     from loralab.demo import run_demo
 
     out = Console(file=(tmp_path / "out.txt").open("w"), width=200)
-    result = run_demo(out, out, tmp_path / "demo", 12, fail, run_training)
+    result = run_demo(out, out, tmp_path / "demo", 8, fail, run_training)
     assert len(result["after"]) == 5
     # The base model cannot know these made-up facts; after the fine-tune most answers are the training answers.
     learned = sum(a.strip().lower() == e.strip().lower() for a, e in zip(result["after"], result["expected"]))

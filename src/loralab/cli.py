@@ -279,7 +279,7 @@ def data_validate(
 def demo(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where the demo adapter goes "
                                           "(default: LORALAB_HOME/demo/<time>)."),
-    epochs: float = typer.Option(12, "--epochs", help="Passes over the 5 examples."),
+    epochs: float = typer.Option(8, "--epochs", help="Passes over the 5 examples."),
 ):
     """Fine-tune the embedded model on the 5-example sample and show its answers before and after."""
     from loralab.demo import run_demo
