@@ -51,9 +51,11 @@ def _home(tmp: Path) -> Path:
     return home
 
 
-def start_server(home: Path) -> tuple[subprocess.Popen, str]:
+def start_server(home: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
     """uvicorn on 127.0.0.1:0 in a child process; returns it and its /v1 base URL."""
     env = {**os.environ, "LORALAB_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
     env.pop("LORALAB_API_TOKEN", None)
     env.pop("LORALAB_DATABASE_URL", None)
     proc = subprocess.Popen(
@@ -127,6 +129,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3, help="requests each client sends, back to back")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--threads", type=int, help="torch threads in the server (default: torch's choice)")
     parser.add_argument("--force", action="store_true", help="measure even when the load average is above 2")
     args = parser.parse_args()
 
@@ -134,7 +137,7 @@ def main() -> None:
     if load_before > 2 and not args.force:
         raise SystemExit(f"load average {load_before:.2f} > 2: figures would be noise (use --force to run anyway)")
     tmp = Path(tempfile.mkdtemp(prefix="loralab-serve-bench-"))
-    proc, url = start_server(_home(tmp))
+    proc, url = start_server(_home(tmp), args.threads)
     try:
         with httpx.Client() as client:
             t0 = time.perf_counter()
@@ -153,9 +156,9 @@ def main() -> None:
     ratio = multi["tokens_per_s"] / single["tokens_per_s"]
     result = {"model": MODEL, "max_tokens": args.max_tokens, "first_request_s": round(load_seconds, 2),
               "single": single, "concurrent": multi, "ratio": round(ratio, 2), "target_ratio": TARGET_RATIO,
-              "load_before": round(load_before, 2), "load_after": round(_load(), 2), "cpus": os.cpu_count()}
-    print(f"model {MODEL}, max_tokens {args.max_tokens}, greedy; load {load_before:.2f} -> {_load():.2f} "
-          f"on {os.cpu_count()} CPUs")
+              "threads": args.threads, "load_before": round(load_before, 2), "load_after": round(_load(), 2), "cpus": os.cpu_count()}
+    print(f"model {MODEL}, max_tokens {args.max_tokens}, greedy, server threads {args.threads or 'default'}; "
+          f"load {load_before:.2f} -> {_load():.2f} on {os.cpu_count()} CPUs")
     for label, row in (("1 client", single), (f"{args.clients} clients", multi)):
         print(f"{label:>11}: {row['tokens_per_s']:8.1f} tokens/s  ({row['tokens']} tokens, {row['requests']} "
               f"requests, {row['seconds']:.1f} s, mean latency {row['mean_latency_s']:.2f} s)")

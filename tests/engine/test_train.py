@@ -48,7 +48,9 @@ def test_lora_run_writes_exact_files_and_learns(tmp_path, tiny_model_dir):
     assert names == {
         "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
         "chat_template.jinja", "spec.json", "summary.json", "metrics.jsonl", "events.jsonl", "README.md",
+        "tensorboard",
     } - ({"chat_template.jinja"} - names)
+    assert any((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     with safe_open(run_dir / "adapter_model.safetensors", "pt") as fh:
         keys = list(fh.keys())
     assert keys and all("lora_A" in k or "lora_B" in k for k in keys), keys

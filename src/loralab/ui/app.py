@@ -80,14 +80,15 @@ def build_blocks(svc: Services) -> gr.Blocks:
                 return query
             return pick_language(request.headers.get("accept-language") if request else None)
 
-        loaded = demo.load(detect, inputs=[stored], outputs=[ctx.lang], api_visibility="private")
+        # one queue, one at a time, in order: a slow redraw in the old language never lands after the new one
+        ordered = {"api_visibility": "private", "concurrency_limit": 1, "concurrency_id": "language"}
+        loaded = demo.load(detect, inputs=[stored], outputs=[ctx.lang], **ordered)
         for fn, inputs, outputs in ctx.on_language:  # fill pages once (a language change redraws them again)
-            loaded.then(fn, inputs=inputs, outputs=outputs, api_visibility="private")
+            loaded.then(fn, inputs=inputs, outputs=outputs, **ordered)
         ctx.lang.input(lambda lang: lang, inputs=[ctx.lang], outputs=[stored], api_visibility="private")
-        event = ctx.lang.change(labels.updates, inputs=[ctx.lang], outputs=labels.components,
-                                api_visibility="private")
+        event = ctx.lang.change(labels.updates, inputs=[ctx.lang], outputs=labels.components, **ordered)
         for fn, inputs, outputs in ctx.on_language:
-            event.then(fn, inputs=inputs, outputs=outputs, api_visibility="private")
+            event.then(fn, inputs=inputs, outputs=outputs, **ordered)
     demo.queue(default_concurrency_limit=8)
     return demo
 

@@ -41,9 +41,13 @@ def chart_titles(lang: str, y: str) -> dict[str, str]:
             "color_title": t(lang, "col.run")}
 
 
-def chart(data: pd.DataFrame, y: str, lang: str):
-    """One update carrying data and titles: separate prop updates racing a redraw break Gradio's plot."""
-    value = data[["step", y, "run"]] if len(data) else None  # None: an empty frame would fix the field types
+def chart(data: pd.DataFrame, y: str, lang: str, job_id: str):
+    """One update carrying data and titles, so a redraw never races a separate title update.
+
+    Without steps yet the chart gets one row with no value (drawn as nothing): None would remove the element
+    under Gradio's resize observer, and an empty frame would lose the field types.
+    """
+    value = data[["step", y, "run"]] if len(data) else pd.DataFrame({"step": [0], y: [float("nan")], "run": [job_id]})
     return gr.LinePlot(value=value, **chart_titles(lang, y))
 
 
@@ -134,8 +138,8 @@ def connect(ctx) -> None:
             return (progress_html(0), t(language, "common.error", message=exc.message), gr.update(), gr.update(),
                     "", gr.Button(visible=False), gr.Timer(active=False))
         active = job["status"] in ACTIVE
-        return (progress_html(job["progress"].get("percent")), summary(job, language), chart(data, "loss", language),
-                chart(data, "learning_rate", language), tail,
+        return (progress_html(job["progress"].get("percent")), summary(job, language), chart(data, "loss", language, job_id),
+                chart(data, "learning_rate", language, job_id), tail,
                 gr.Button(visible=bool(job.get("result_model_id"))), gr.Timer(active=active))
 
     def open_playground(job_id: str | None, language: str):
