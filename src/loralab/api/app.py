@@ -19,7 +19,8 @@ def error_response(exc: LoralabError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status)
 
 
-def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, services: Services | None = None,
+               mount_web_ui: bool = True) -> FastAPI:
     """Build the API app over the database named by `settings` (OpenAPI docs at /docs)."""
     from loralab.api.routes import datasets, generate, models, openai, resume, system, training, ws
 
@@ -41,4 +42,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     for module in (system, datasets, training, resume, models, generate, ws, openai):
         app.include_router(module.router)
+    if mount_web_ui:
+        from loralab.ui import mount_ui
+
+        mount_ui(app, svc)  # last: the UI is mounted at "/" and would hide routes added after it
     return app

@@ -140,7 +140,8 @@ STRINGS: dict[str, tuple[str, str]] = {
                       ("アクティベーション チェックポイントを使っても収まりません。バッチサイズか最大シーケンス長を"
                        "下げるか、より小さいモデルを選んでください。")),
     "tr.est_speed": ("Speed: about {tps} tokens/s", "速度: 約 {tps} トークン/秒"),
-    "tr.est_trainable": ("Trainable parameters: **{trainable}** of {total} ({percent:.2f}%); adapter file about {size}.",
+    "tr.est_trainable": (("Trainable parameters: **{trainable}** of {total} ({percent:.2f}%); "
+                          "adapter file about {size}."),
                          "学習するパラメーター: {total} 中 **{trainable}**（{percent:.2f}%）。アダプターのファイルは約 {size}。"),
     "tr.est_full": ("Full fine-tuning trains all **{total}** parameters.",
                     "フル ファインチューニングでは **{total}** 個すべてのパラメーターを学習します。"),

@@ -138,7 +138,8 @@ def connect(ctx) -> None:
             return (progress_html(0), t(language, "common.error", message=exc.message), gr.update(), gr.update(),
                     "", gr.Button(visible=False), gr.Timer(active=False))
         active = job["status"] in ACTIVE
-        return (progress_html(job["progress"].get("percent")), summary(job, language), chart(data, "loss", language, job_id),
+        return (progress_html(job["progress"].get("percent")), summary(job, language),
+                chart(data, "loss", language, job_id),
                 chart(data, "learning_rate", language, job_id), tail,
                 gr.Button(visible=bool(job.get("result_model_id"))), gr.Timer(active=active))
 

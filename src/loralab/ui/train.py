@@ -94,7 +94,7 @@ def recommend(svc, base_model: str, dataset_id: str | None) -> tuple[dict[str, A
 
 
 def estimate_text(svc, spec: dict[str, Any], lang: str) -> str:
-    """Peak memory, speed and trainable parameters before starting (engine.estimate; the LoRA calculator as fallback)."""
+    """Peak memory, speed and trainable parameters before starting (engine.estimate, else the LoRA calculator)."""
     lora = spec.get("lora", {})
     method, r = spec.get("method") or "lora", int(lora.get("r") or 8)
     targets = lora.get("target_modules") or "all-linear"
