@@ -99,3 +99,17 @@ def test_ui_asks_for_the_api_token_when_one_is_configured(loralab_home, monkeypa
             assert client.post("/login/", data={"username": "me", "password": "s3cret"}).status_code == 200
     finally:
         svc.close()
+
+
+def test_monitor_links_a_finished_run_to_its_tracking(monkeypatch):
+    from loralab.ui import monitor
+
+    done = [{"type": "done", "tracking": {"tensorboard": {"logdir": "/runs/j/tensorboard",
+                                                         "command": "tensorboard --logdir /runs/j/tensorboard"}}}]
+    monkeypatch.setattr(monitor.jobs, "list_events", lambda svc, job_id, types=None: done)
+    job = {"id": "job-1", "status": "succeeded", "progress": {"step": 2, "total_steps": 2, "percent": 100},
+           "result_model_id": "ft-1"}
+    lines = monitor.tracking_lines(None, job, "en")
+    assert lines == ["Tracking (tensorboard): `tensorboard --logdir /runs/j/tensorboard`"]
+    assert "tensorboard --logdir" in monitor.summary(job, "ja", lines)
+    assert monitor.tracking_lines(None, {**job, "status": "running"}, "en") == []

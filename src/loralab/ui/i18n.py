@@ -210,6 +210,7 @@ STRINGS: dict[str, tuple[str, str]] = {
     "mon.error": ("Failed: {code}: {message}", "失敗: {code}: {message}"),
     "mon.result": ("Result: model **{model}**. Try it in the playground.",
                    "結果: モデル **{model}**。プレイグラウンドで試せます。"),
+    "mon.tracking": ("Tracking ({name}): `{where}`", "記録（{name}）: `{where}`"),
     "mon.try": ("Try it in the playground", "プレイグラウンドで試す"),
     "mon.pick": ("Pick a job.", "ジョブを選んでください。"),
     # playground

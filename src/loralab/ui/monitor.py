@@ -57,7 +57,21 @@ def progress_html(percent: float | None) -> str:
             f'aria-valuemax="100" id="mon-bar"><div class="progress-inner" style="width:{value:.1f}%"></div></div>')
 
 
-def summary(job: dict[str, Any], lang: str) -> str:
+def tracking_lines(svc, job: dict[str, Any], lang: str) -> list[str]:
+    """Where the finished run's experiment tracking went (TensorBoard dir, MLflow run, W&B URL)."""
+    if job["status"] != "succeeded":
+        return []
+    done = jobs.list_events(svc, job["id"], types=("done",))
+    tracking = (done[-1].get("tracking") if done else None) or {}
+    lines = []
+    for name, info in tracking.items():
+        info = info if isinstance(info, dict) else {"link": info}
+        where = info.get("url") or info.get("command") or info.get("tracking_uri") or info.get("logdir") or ""
+        lines.append(t(lang, "mon.tracking", name=name, where=where))
+    return lines
+
+
+def summary(job: dict[str, Any], lang: str, extra: list[str] | None = None) -> str:
     """Status line, then the error or the resulting model."""
     progress = job["progress"]
     status = job["status"]
@@ -75,7 +89,7 @@ def summary(job: dict[str, Any], lang: str) -> str:
         lines.append(t(lang, "mon.error", code=job["error"]["code"], message=job["error"]["message"]))
     if job.get("result_model_id"):
         lines.append(t(lang, "mon.result", model=job["result_model_id"]))
-    return "\n\n".join(lines)
+    return "\n\n".join(lines + (extra or []))
 
 
 def log_tail(svc, job_id: str) -> str:
@@ -138,7 +152,7 @@ def connect(ctx) -> None:
             return (progress_html(0), t(language, "common.error", message=exc.message), gr.update(), gr.update(),
                     "", gr.Button(visible=False), gr.Timer(active=False))
         active = job["status"] in ACTIVE
-        return (progress_html(job["progress"].get("percent")), summary(job, language),
+        return (progress_html(job["progress"].get("percent")), summary(job, language, tracking_lines(svc, job, language)),
                 chart(data, "loss", language, job_id),
                 chart(data, "learning_rate", language, job_id), tail,
                 gr.Button(visible=bool(job.get("result_model_id"))), gr.Timer(active=active))
