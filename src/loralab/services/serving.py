@@ -1,8 +1,6 @@
 """Generation for the API and UI: resolve a model reference, keep a small LRU of loaded models, generate or stream."""
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -46,54 +44,6 @@ class GenerateRequest(GenerateSpec):
 
     def sampling(self) -> GenerateSpec:
         return GenerateSpec(**self.model_dump(include=set(GenerateSpec.model_fields)))
-
-
-class ModelCache:
-    """Loaded (model, tokenizer) pairs keyed by (base, adapter); least recently used evicted; one generation each."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[str, str | None], tuple[Any, Any, threading.Lock]] = OrderedDict()
-        self._loading: dict[tuple[str, str | None], threading.Lock] = {}
-
-    def get(self, base: str, adapter: str | None):
-        key = (base, adapter)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            loading = self._loading.setdefault(key, threading.Lock())
-        with loading:  # one thread loads a model; others wanting it wait instead of loading it again
-            with self._lock:
-                if key in self._items:
-                    return self._items[key]
-            from loralab.engine.models import load_for_inference
-
-            model, tokenizer = load_for_inference(base, adapter)
-            entry = (model, tokenizer, threading.Lock())
-            with self._lock:
-                self._items[key] = entry
-                self._loading.pop(key, None)
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
-            return entry
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-_CACHE: ModelCache | None = None
-_CACHE_LOCK = threading.Lock()
-
-
-def model_cache(svc: Services) -> ModelCache:
-    global _CACHE
-    with _CACHE_LOCK:
-        if _CACHE is None or _CACHE.size != svc.settings.generate_cache_size:
-            _CACHE = ModelCache(svc.settings.generate_cache_size)
-        return _CACHE
 
 
 def resolve_target(svc: Services, request: GenerateRequest) -> tuple[str, str | None, str]:
