@@ -93,7 +93,6 @@ def causal_lm_loss_sum(model, batch):
     The vocabulary projection is a large share of a small model's FLOPs and memory; positions
     with no target (prompt tokens, padding) skip it through `logits_to_keep`.
     """
-    import torch
     import torch.nn.functional as F
 
     shift = batch["shift_labels"]

