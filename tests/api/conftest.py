@@ -44,22 +44,7 @@ def dataset_id(client):
 @pytest.fixture
 def run_worker(client, settings):
     """Start an in-process worker thread that shares the app's database and event hub."""
-    import threading
+    from service_fixtures import worker_threads
 
-    from loralab.runner.worker import Worker
-
-    started = []
-
-    def start():
-        svc = client.app.state.services
-        worker = Worker(svc.db, settings, notify=svc.hub.publish)
-        thread = threading.Thread(target=worker.run, daemon=True)
-        thread.start()
-        started.append((worker, thread))
-        return worker
-
-    yield start
-    for worker, _ in started:
-        worker.stop.set()
-    for _, thread in started:
-        thread.join(30)
+    svc = client.app.state.services
+    yield from worker_threads(svc.db, settings, notify=svc.hub.publish)

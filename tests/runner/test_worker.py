@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from loralab.runner.worker import Worker
 from loralab.store.repo import Repo
-from service_fixtures import wait_for
+from service_fixtures import wait_for, worker_threads
 
 
 def queue_job(repo: Repo, settings) -> str:
@@ -27,20 +26,7 @@ def queue_job(repo: Repo, settings) -> str:
 
 @pytest.fixture
 def start_worker(db, settings):
-    started: list[tuple[Worker, threading.Thread]] = []
-
-    def start(worker_id: str | None = None) -> Worker:
-        worker = Worker(db, settings, worker_id=worker_id)
-        thread = threading.Thread(target=worker.run, daemon=True)
-        thread.start()
-        started.append((worker, thread))
-        return worker
-
-    yield start
-    for worker, thread in started:
-        worker.stop.set()
-    for worker, thread in started:
-        thread.join(30)
+    yield from worker_threads(db, settings)
 
 
 def status_of(repo, job_id):

@@ -100,3 +100,25 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def worker_threads(db, settings, **shared):
+    """Generator behind worker fixtures: yields start(**kw) -> Worker (a thread each); stops and joins them after."""
+    import threading
+
+    from loralab.runner.worker import Worker
+
+    started = []
+
+    def start(**kwargs):
+        worker = Worker(db, settings, **shared, **kwargs)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        started.append((worker, thread))
+        return worker
+
+    yield start
+    for worker, _ in started:
+        worker.stop.set()
+    for _, thread in started:
+        thread.join(30)
