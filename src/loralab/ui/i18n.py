@@ -248,6 +248,14 @@ STRINGS: dict[str, tuple[str, str]] = {
 }
 
 
+def register_strings(strings: dict[str, tuple[str, str]]) -> None:
+    """Add a page's own (English, Japanese) strings; a key defined twice with other text is a bug."""
+    for key, pair in strings.items():
+        if key in STRINGS and STRINGS[key] != pair:
+            raise ValueError(f"UI string {key!r} is already defined with other text")
+        STRINGS[key] = pair
+
+
 def t(lang: str, key: str, **values: Any) -> str:
     """The string `key` in `lang` (English when the Japanese one is empty), formatted with `values`."""
     en, ja = STRINGS[key]
