@@ -139,7 +139,9 @@ def train(
                                           "checkpoint (uses its spec.json; no other settings)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help=f"Base model (default {EMBEDDED_MODEL}): "
                                              "embedded name, hub id, local directory or .gguf file."),
-    method: Optional[str] = typer.Option(None, help="lora (default) or full."),
+    method: Optional[str] = typer.Option(None, help="lora (default), full, qlora (CUDA) or dpo (preference pairs)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="DPO: how far the model may move from the reference "
+                                         "(default 0.1; higher = closer). Needs --method dpo."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (num_train_epochs)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr", help="Peak learning rate."),
@@ -159,6 +161,7 @@ def train(
         "max_steps": max_steps, "learning_rate": learning_rate, "lora.r": r, "lora.lora_alpha": lora_alpha,
         "per_device_train_batch_size": batch_size, "max_seq_length": max_seq_len,
         "data.validation_split": validation_split, "resume_from": str(resume_from) if resume_from else None,
+        "beta": beta,
     }
     if resume is not None:
         given = [k for k, v in flags.items() if v is not None] + (["--config"] if config else []) + set_

@@ -8,7 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 DataFormat = Literal["auto", "alpaca", "chat", "sharegpt", "text", "preference"]
-Method = Literal["lora", "qlora", "full"]
+Method = Literal["lora", "qlora", "full", "dpo"]
+# TRL DPOConfig.loss_type names usable without extra settings (exo_pair and robust need label smoothing)
+DpoLossType = Literal["sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+                      "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
+DPO_DEFAULTS = {"beta": 0.1, "loss_type": "sigmoid"}
 Strategy = Literal["none", "ddp", "fsdp", "deepspeed"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -97,7 +101,7 @@ class TrainSpec(_Strict):
     data: DataSpec
     method: Method = Field(
         "lora", description="'lora' trains adapters (PEFT); 'qlora' trains them on a 4-bit base (CUDA); "
-        "'full' trains every weight.",
+        "'full' trains every weight; 'dpo' trains LoRA adapters on preference pairs (TRL DPOTrainer).",
     )
     lora: LoraSpec = Field(default_factory=LoraSpec)
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of AdamW.")
@@ -133,15 +137,36 @@ class TrainSpec(_Strict):
     resume_from: str | None = Field(
         None, description="Continue training from this adapter directory (PEFT format)."
     )
+    beta: float | None = Field(
+        None, gt=0, le=100,
+        description="DPO only: how far the policy may move from the reference (higher = closer). Default 0.1.",
+    )
+    loss_type: DpoLossType | None = Field(
+        None, description="DPO only: TRL's preference loss ('sigmoid' = the DPO paper's). Default 'sigmoid'.",
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to train; 'auto' uses a GPU when present.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Multi-process / multi-host training (torchrun)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dpo_defaults(cls, data: Any) -> Any:
+        # DPO settings exist only for method 'dpo': filled in there, left unset (None) for the other methods.
+        if isinstance(data, dict) and data.get("method") == "dpo":
+            data = {**data, **{k: v for k, v in DPO_DEFAULTS.items() if data.get(k) is None}}
+        return data
+
     @model_validator(mode="after")
     def _check_method(self) -> "TrainSpec":
         if self.method == "full" and self.resume_from:
             raise ValueError("resume_from continues a LoRA adapter; it cannot be combined with method='full'")
+        if self.method != "dpo":
+            for name in DPO_DEFAULTS:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is a DPO setting: use it with method='dpo' (method is '{self.method}')")
+        elif self.distributed.strategy != "none":
+            raise ValueError("method='dpo' runs in one process: set distributed.strategy to 'none'")
         return self
 
 
@@ -154,6 +179,30 @@ class GenerateSpec(_Strict):
     repetition_penalty: float = Field(1.0, gt=0.0, le=5.0, description="Above 1 discourages repeating tokens.")
     seed: int | None = Field(None, description="Seed for sampling (greedy ignores it).")
     stop: list[str] = Field(default_factory=list, description="Stop generating at any of these strings.")
+
+
+class EvalSpec(_Strict):
+    """An evaluation run: the base model and each adapter answer rows with reference answers; spec.json of its run."""
+
+    kind: Literal["evaluation"] = Field(
+        "evaluation", description="Marks an evaluation run directory (a TrainSpec has no kind)."
+    )
+    base_model: str = Field(EMBEDDED_MODEL, description="Base model every adapter is applied to (and scored itself).")
+    adapters: list[str] = Field(
+        default_factory=list, description="PEFT adapter directories compared with the base model, in order."
+    )
+    data_path: str = Field(description="Rows with reference answers: any dataset format (chat, alpaca, text with "
+                           "'回答:' / 'Answer:').")
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="Upper bound on each generated answer (greedy).")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N rows.")
+    seed: int = Field(0, description="Random seed (decoding is greedy; the seed fixes everything else).")
+    embeddings: bool = Field(True, description="Score embedding similarity with all-MiniLM-L6-v2.")
+    judge: bool = Field(False, description="Also grade answers 1-5 with the LLM judge set by LORALAB_JUDGE_URL "
+                        "and LORALAB_JUDGE_MODEL.")
+    report_language: Literal["en", "ja"] = Field("en", description="Language of report.html and report.md "
+                                                 "(report.en.html and report.ja.html are always written).")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Where to run; 'auto' uses a GPU "
+                                                          "when present.")
 
 
 def apply_overrides(raw: dict[str, Any], pairs: list[str]) -> dict[str, Any]:

@@ -9,7 +9,10 @@ from starlette.websockets import WebSocketDisconnect
 
 PUBLIC_GETS = {"/api/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 TOKEN = "s3cret-token"
-SAMPLE_PARAMS = {"job_id": "job-" + "a" * 24, "dataset_id": "ds-" + "a" * 24, "model_id": "ft-" + "a" * 24}
+SAMPLE_PARAMS = {"job_id": "job-" + "a" * 24, "dataset_id": "ds-" + "a" * 24, "model_id": "ft-" + "a" * 24,
+                 "topic_id": "tokens",
+                 "test_id": "ab-" + "a" * 24, "generation_id": "gen-" + "a" * 24,
+                 "evaluation_id": "job-" + "a" * 24, "name": "report.html"}
 
 
 def all_routes(routes):

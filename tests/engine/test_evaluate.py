@@ -256,13 +256,19 @@ def test_reports_render_japanese_with_or_without_a_cjk_font(tmp_path, monkeypatc
     if font is None:
         monkeypatch.setattr(report, "cjk_font", lambda: None)
     summary, results = _synthetic(["base", "日本語チューニング"])
-    files = report.write_reports(tmp_path, summary, results)
-    assert set(files) == {"results", "summary", "markdown", "html", "metrics_chart", "histogram_chart"}
+    files = report.write_reports(tmp_path, summary, results, lang="ja")
+    assert set(files) == {"results", "summary", "markdown", "html", "html_en", "html_ja", "metrics_chart",
+                          "histogram_chart"}
     for name in files.values():
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "日本語チューニング vs base" in html and "注意 &lt;b&gt;" in html
+    # report.html is in the asked language (Japanese headings); both languages are written alongside
+    assert html == (tmp_path / "report.ja.html").read_text(encoding="utf-8") and "評価レポート" in html
+    english = (tmp_path / "report.en.html").read_text(encoding="utf-8")
+    assert "Evaluation report" in english and "評価レポート" not in english and '<html lang="en">' in english
+    assert "# 評価レポート" in (tmp_path / "report.md").read_text(encoding="utf-8")
     if font is None:  # charts could not draw the name: it is replaced and explained
         assert summary["chart_labels"] == {"model 1": "日本語チューニング"}
         assert "model 1 = 日本語チューニング" in html

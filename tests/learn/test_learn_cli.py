@@ -1,14 +1,26 @@
-"""`loralab learn` through typer's CliRunner: list, show, quiz from stdin, progress, calc."""
+"""`loralab learn` through typer's CliRunner: list, show, quiz from stdin, progress (in the database), calc."""
 from __future__ import annotations
 
 import json
 
 from typer.testing import CliRunner
 
-from loralab.learn import course, progress
+from loralab.learn import course
 from loralab.learn.cli import learn_app
 
 WIDE = {"COLUMNS": "400"}  # no rich line wrapping, so whole sentences can be matched
+
+
+def _progress(user: str = "local") -> dict[str, dict]:
+    """Per-topic progress as the service (and so the web UI) sees it."""
+    from loralab.services import learning
+    from loralab.services.context import open_services
+
+    svc = open_services()
+    try:
+        return {t["id"]: t for t in learning.get_progress(svc, user)["topics"]}
+    finally:
+        svc.close()
 
 
 def _run(args, **kwargs):
@@ -39,7 +51,7 @@ def test_show_renders_markdown_and_marks_read():
     assert "Your first fine-tune" in out and "loralab demo" in out
     assert "**" not in out and "## " not in out  # rendered, not raw Markdown
     assert "compared_answers" in out  # the hands-on steps are listed with their checks
-    assert progress.load().topic("first-fine-tune").read_at is not None
+    assert _progress()["first-fine-tune"]["read"] and not _progress("someone")["first-fine-tune"]["read"]
     assert "はじめてのファインチューニング" in _run(["show", "1-05", "--lang", "ja"])
 
 
@@ -66,8 +78,9 @@ def test_quiz_wrong_then_right_with_explanations_and_saved_progress():
     total = len(topic.quiz.questions)
     assert f"Score: {total - 1}/{total}" in out
 
-    saved = progress.load().topic("tokens").quiz
-    assert (saved.attempts, saved.best_score, saved.total) == (1, total - 1, total)
+    saved = _progress()["tokens"]["quiz"]
+    assert (saved["attempts"], saved["best"]["score"], saved["best"]["total"]) == (1, total - 1, total)
+    assert saved["latest"]["answers"][first.id] == wrong.id  # the answers themselves are stored
     assert f"quiz {total - 1}/{total}" in _run(["list", "--lang", "en", "--level", "1"])
 
 
@@ -76,12 +89,28 @@ def test_quiz_in_japanese_accepts_full_width_letters():
     letters = "".join(chr(ord(q.correct_choice.id) + 0xFEE0) for q in topic.quiz.questions)  # ａ, ｂ...
     out = _run(["quiz", "lora", "--lang", "ja"], input="\n".join(letters) + "\n")
     assert "✓ 正解です。" in out and "合格です" in out
-    assert progress.load().topic("lora").quiz.best_score == len(topic.quiz.questions)
+    assert _progress()["lora"]["quiz"]["best"]["score"] == len(topic.quiz.questions)
 
 
-def test_done_marks_a_step():
-    assert "compare" in _run(["done", "first-fine-tune", "compare", "--lang", "en"])
-    assert "compare" in progress.load().topic("first-fine-tune").steps
+def _done(user_step):
+    return {s["id"]: s["done"] for s in _progress()[user_step]["steps"]}
+
+
+def test_done_checks_real_state_before_marking_a_step():
+    from loralab.data import sample_path
+    from loralab.services import datasets
+    from loralab.services.context import open_services
+
+    refused = CliRunner().invoke(learn_app, ["done", "first-fine-tune", "upload-data", "--lang", "en"], env=WIDE)
+    assert refused.exit_code == 1 and "no dataset has been uploaded yet" in refused.output
+    assert _done("first-fine-tune")["upload-data"] is False
+    svc = open_services()
+    try:
+        datasets.upload_dataset(svc, sample_path("basic_qa").read_bytes(), "basic_qa.jsonl")
+    finally:
+        svc.close()
+    assert "upload-data" in _run(["done", "first-fine-tune", "upload-data", "--lang", "en"])
+    assert _done("first-fine-tune") == {"run-demo": False, "upload-data": True, "train-own": False, "compare": False}
     bad = CliRunner().invoke(learn_app, ["done", "first-fine-tune", "nope", "--lang", "en"], env=WIDE)
     assert bad.exit_code == 1 and "run-demo" in bad.output
 
@@ -91,6 +120,7 @@ def test_calc_table_and_json(tiny_model_dir):
                 "--lang", "en"])
     assert "q_proj" in out and "v_proj" in out and "Trainable (LoRA) parameters: 896" in out
     data = json.loads(_run(["calc", "--base-model", str(tiny_model_dir), "--r", "4", "--json"]))
+    assert "calc-ranks" in _run(["done", "hyperparameters", "calc-ranks", "--lang", "en"])  # calc was recorded
     assert data["trainable_params"] == 4096 and data["target_modules"] == "all-linear"
     bad = CliRunner().invoke(learn_app, ["calc", "--base-model", str(tiny_model_dir), "--target-modules", "wq"],
                              env=WIDE)

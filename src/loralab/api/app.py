@@ -42,6 +42,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     for module in (system, datasets, training, resume, models, generate, ws, openai):
         app.include_router(module.router)
+    from loralab.api.routes import learning as learning_routes
+
+    app.include_router(learning_routes.router)
+    from loralab.api.routes import abtests as abtest_routes, feedback as feedback_routes
+
+    app.include_router(feedback_routes.router)
+    app.include_router(abtest_routes.router)
+    from loralab.api.routes import evaluations as evaluation_routes
+
+    app.include_router(evaluation_routes.router)
     if mount_web_ui:
         from loralab.ui import mount_ui
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 IGNORE = -100
+# Token budget of one forward/backward piece of a packed batch on a CPU (bounded activation memory).
+DEFAULT_MICRO_BATCH_TOKENS = 512
 
 
 def shifted(labels: list[int]) -> list[int]:
@@ -87,12 +89,15 @@ def real_tokens(batch) -> int:
     return int(batch["input_ids"].numel())
 
 
-def causal_lm_loss_sum(model, batch):
+def causal_lm_loss_sum(model, batch, fused: bool = True):
     """Summed next-token loss, projecting to the vocabulary only where a target exists.
 
     The vocabulary projection is a large share of a small model's FLOPs and memory; positions
-    with no target (prompt tokens, padding) skip it through `logits_to_keep`.
+    with no target (prompt tokens, padding) skip it (`logits_to_keep`). With `fused`, a model with
+    a plain linear head computes it chunk by chunk from the hidden states and never holds the
+    logits (`engine.fastpath.linear_cross_entropy`); other models take the stock path.
     """
+    import torch
     import torch.nn.functional as F
 
     shift = batch["shift_labels"]
@@ -103,10 +108,20 @@ def causal_lm_loss_sum(model, batch):
     if keep.numel() == 0:
         out = model(**inputs, logits_to_keep=1)
         return out.logits.sum() * 0.0, 0
+    targets = shift[:, keep]
+    if fused:
+        from loralab.engine.fastpath import linear_cross_entropy, plain_head
+
+        parts = plain_head(model)
+        if parts is not None:
+            decoder, head = parts
+            hidden = decoder(**inputs).last_hidden_state[:, keep]  # [B, K, d]: no logits are kept
+            loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1))
+            return loss, int((targets != IGNORE).sum())
     out = model(**inputs, logits_to_keep=keep)
     logits = out.logits  # [B, K, V]
-    targets = shift[:, keep]
     loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)), targets.reshape(-1),
+        ignore_index=IGNORE, reduction="sum",
     )
     return loss, int((targets != IGNORE).sum())

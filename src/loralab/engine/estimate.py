@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loralab.engine.batching import DEFAULT_MICRO_BATCH_TOKENS
+from loralab.engine.fastpath import CE_CHUNK_BYTES, PLAIN_HEAD_MODELS
+
 # Shape of one MLP projection of the embedded model (tokens x hidden @ hidden x intermediate).
 MATMUL_SHAPE = (1024, 576, 1536)
 
@@ -188,16 +191,25 @@ def _flops_per_token(dims: dict[str, int], base_params: int, trainable: int, met
     return dense + attention, {"dense": dense, "attention": attention, "design_4n": 4.0 * base_params}
 
 
+def live_tokens(batch_tokens: int, seq: int, packing: bool, micro_batch_tokens: int) -> int:
+    """Tokens whose activations are alive at once: a packed batch runs as pieces of whole examples."""
+    if not packing or micro_batch_tokens <= 0 or batch_tokens <= micro_batch_tokens:
+        return batch_tokens
+    per_piece = max(1, micro_batch_tokens // seq) * seq if seq <= micro_batch_tokens else seq
+    return min(batch_tokens, per_piece)
+
+
 def estimate(model: Any, method: str = "lora", r: int = 8, target_modules: Any = "all-linear",
              max_seq_length: int = 512, batch_size: int = 4, device: str = "cpu", dtype: str = "fp32",
              gradient_checkpointing: bool = False, packing: bool = True, seq_length: int | None = None,
              supervised_fraction: float = 1.0, matmul_flops: float | None = None,
-             measure: bool = True) -> Estimate:
+             measure: bool = True, micro_batch_tokens: int | None = None) -> Estimate:
     """Peak memory and tokens/s of one training configuration, from the config alone (no weights are read).
 
     `seq_length` is the typical example length (default: max_seq_length, the worst case); batches hold
     `batch_size` such examples. `supervised_fraction` is the share of tokens that carry loss.
     `matmul_flops` overrides the measured (and cached) machine speed; `measure=False` skips measuring.
+    `micro_batch_tokens` is the engine's piece size (None = its default: 512 on a CPU, no split on a GPU).
     """
     from loralab.learn.calculator import load_config
 
@@ -213,12 +225,17 @@ def estimate(model: Any, method: str = "lora", r: int = 8, target_modules: Any =
     if method == "full":
         adapted, trainable = None, base_params
     seq = min(seq_length or max_seq_length, max_seq_length)
-    tokens = batch_size * seq
+    kind = "cuda" if device.startswith("cuda") else device if device in RUNTIME_BYTES else "cpu"
+    if micro_batch_tokens is None:
+        micro_batch_tokens = DEFAULT_MICRO_BATCH_TOKENS if kind == "cpu" else 0
+    tokens = live_tokens(batch_size * seq, seq, packing, micro_batch_tokens)
     supervised = max(0.0, min(1.0, supervised_fraction))
     weight_bytes = 4 if dtype == "fp32" else 2
     act_bytes = 4 if dtype == "fp32" else 2
-    # Packing puts the batch in one row whose mask spans all of it; padding masks each row.
-    masked_width = 0 if batch_size == 1 else (tokens if packing else max_seq_length)
+    # Packed rows run attention per example with no mask (engine/attention.py); padded batches of
+    # several rows make transformers build a [rows, 1, seq, seq] mask that every layer keeps.
+    masked_width = 0 if packing or batch_size == 1 else seq
+    fused_loss = getattr(config, "model_type", None) in PLAIN_HEAD_MODELS
 
     per_layer = layer_activation_values(dims, adapted, r, masked_width)
     outside = 2 * dims["hidden"] + 1  # final norm input and 1/rms
@@ -227,13 +244,16 @@ def estimate(model: Any, method: str = "lora", r: int = 8, target_modules: Any =
         activations = tokens * (dims["layers"] * dims["hidden"] + per_layer + outside) * act_bytes
     else:
         activations = tokens * (dims["layers"] * per_layer + outside) * act_bytes
-    # Log-softmax output kept for backward + its incoming and outgoing gradients (fp32: the loss upcasts).
-    logits = 3 * int(tokens * supervised) * dims["vocab"] * 4
+    if fused_loss:
+        # engine.fastpath.linear_cross_entropy: one chunk of logits at a time plus the hidden-state gradient.
+        logits = 2 * CE_CHUNK_BYTES + int(tokens * supervised) * dims["hidden"] * 4
+    else:
+        # Log-softmax output kept for backward + its incoming and outgoing gradients (fp32: the loss upcasts).
+        logits = 3 * int(tokens * supervised) * dims["vocab"] * 4
     if method == "full":
         trainable_state = base_params * (weight_bytes + 8)  # gradients in the weight dtype + AdamW m, v in fp32
     else:
         trainable_state = trainable * 16  # fp32 LoRA weights, gradients and AdamW m, v
-    kind = "cuda" if device.startswith("cuda") else device if device in RUNTIME_BYTES else "cpu"
     retention = int(ALLOCATOR_RETENTION[kind] * (activations + logits))
     breakdown = {
         "weights": base_params * weight_bytes,
@@ -256,6 +276,7 @@ def estimate(model: Any, method: str = "lora", r: int = 8, target_modules: Any =
         "method": method, "r": r, "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
         "max_seq_length": max_seq_length, "batch_size": batch_size, "seq_length": seq, "tokens_per_batch": tokens,
         "supervised_fraction": supervised, "packing": packing, "gradient_checkpointing": gradient_checkpointing,
+        "micro_batch_tokens": micro_batch_tokens, "live_tokens": tokens, "fused_loss": fused_loss,
         "device": kind, "dtype": dtype, "base_params": base_params, "trainable_params": trainable,
         "activation_values_per_token_per_layer": per_layer, "model_dims": dims,
         "matmul_flops": flops, "efficiency": EFFICIENCY[kind], "flops_per_token": flops_token,

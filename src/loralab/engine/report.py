@@ -27,6 +27,49 @@ CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans JP", "Noto Serif CJK JP", "IPAexGoth
 HTML_FONTS = ('system-ui, -apple-system, "Segoe UI", "Hiragino Sans", "Hiragino Kaku Gothic ProN", '
               '"Noto Sans CJK JP", "Noto Sans JP", "Yu Gothic", Meiryo, sans-serif')
 N_EXAMPLES = 3
+# Report text in English and Japanese: key -> (en, ja); placeholders use str.format names.
+TEXT = {
+    "title": ("Evaluation report", "評価レポート"),
+    "base_model": ("Base model", "ベースモデル"),
+    "adapter": ("Adapter", "アダプター"),
+    "data": ("Data", "データ"),
+    "data_detail": ("{source}, format {format}, {n} examples", "{source}、形式 {format}、{n} 件"),
+    "decoding": ("Decoding: greedy, max_new_tokens={max_new_tokens}, seed={seed}",
+                 "デコード: 貪欲法、max_new_tokens={max_new_tokens}、seed={seed}"),
+    "scores": ("Scores", "スコア"),
+    "metric": ("metric", "指標"),
+    "vs_base": ("{name} vs base", "{name} vs base"),
+    "scale": ("BLEU and chrF are 0-100; ROUGE, matches and embedding similarity 0-1; judge 1-5; improvement is "
+              "positive when better (lower loss/perplexity is better).",
+              "BLEU と chrF は 0〜100、ROUGE・一致率・埋め込み類似度は 0〜1、ジャッジは 1〜5。改善率は良くなったときに正"
+              "（損失・パープレキシティは低いほど良い）。"),
+    "mean_scores": ("Mean scores", "平均スコア"),
+    "per_example": ("Per-example scores", "例ごとのスコア"),
+    "chart_labels": ("In the charts", "グラフ内の表記"),
+    "improved": ("Most improved: {name} vs base", "最も改善した例: {name} vs base"),
+    "worsened": ("Most worsened: {name} vs base", "最も悪化した例: {name} vs base"),
+    "best": ("Best answers (base)", "良かった回答（base）"),
+    "example": ("Example {id}", "例 {id}"),
+    "prompt": ("Prompt", "質問"),
+    "reference": ("Reference", "参照回答"),
+    "empty": ("(empty)", "（空）"),
+    "notes": ("Notes", "補足"),
+    "tokenisation": ("Tokenisation: Japanese = {ja}; other = {other}; languages: {languages}",
+                     "トークン化: 日本語 = {ja}、その他 = {other}、言語: {languages}"),
+    "embedding": ("Embedding model: {note}", "埋め込みモデル: {note}"),
+    "judge": ("Judge: {note}", "ジャッジ: {note}"),
+    "warning": ("Warning: {message}", "警告: {message}"),
+    "alt_metrics": ("mean score per model and metric", "モデル・指標ごとの平均スコア"),
+    "alt_hist": ("per-example histograms", "例ごとのスコアのヒストグラム"),
+}
+REPORT_LANGUAGES = ("en", "ja")
+
+
+def tr(lang: str, key: str, **values) -> str:
+    """Report text `key` in `lang` ('en' or 'ja')."""
+    en, ja = TEXT[key]
+    text = ja if lang == "ja" else en
+    return text.format(**values) if values else text
 
 
 _CJK_FILE_HINTS = ("cjk", "notosansjp", "notoserifjp", "ipag", "ipam", "ipaex", "takao", "vl-gothic", "vl-pgothic",
@@ -162,59 +205,65 @@ def _aggregate_rows(summary: dict) -> list[list[str]]:
     return rows
 
 
-def _header(summary: dict) -> list[str]:
+def _header(summary: dict, lang: str = "en") -> list[str]:
     models = summary["models"]
-    return ["metric", *models, *[f"{n} vs base" for n in models[1:]]]
+    return [tr(lang, "metric"), *models, *[tr(lang, "vs_base", name=n) for n in models[1:]]]
 
 
 def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", "<br>")
 
 
-def _quote(text: str) -> str:
-    return "\n".join("> " + line for line in (str(text) or "(empty)").splitlines() or ["(empty)"])
+def _quote(text: str, lang: str = "en") -> str:
+    empty = tr(lang, "empty")
+    return "\n".join("> " + line for line in (str(text) or empty).splitlines() or [empty])
 
 
-def render_markdown(summary: dict, results: list[dict], files: dict[str, str]) -> str:
+def render_markdown(summary: dict, results: list[dict], files: dict[str, str], lang: str = "en") -> str:
     """report.md: settings, aggregate table with improvement %, charts, best/worst examples, notes."""
     models = summary["models"]
     data = summary["data"]
-    out = ["# Evaluation report", "",
-           f"- Base model: `{summary['base_model']}`",
-           *[f"- Adapter `{a['name']}`: `{a['path']}`" for a in summary["adapters"]],
-           f"- Data: `{data['path']}` ({data['source']}, format {data['format']}, {data['num_examples']} examples)",
-           f"- Decoding: greedy, max_new_tokens={summary['settings']['max_new_tokens']}, "
-           f"seed={summary['settings']['seed']}",
-           "", "## Scores", "",
-           "| " + " | ".join(_header(summary)) + " |", "|" + "---|" * len(_header(summary))]
+    header = _header(summary, lang)
+    out = [f"# {tr(lang, 'title')}", "",
+           f"- {tr(lang, 'base_model')}: `{summary['base_model']}`",
+           *[f"- {tr(lang, 'adapter')} `{a['name']}`: `{a['path']}`" for a in summary["adapters"]],
+           f"- {tr(lang, 'data')}: `{data['path']}` ("
+           + tr(lang, "data_detail", source=data["source"], format=data["format"], n=data["num_examples"]) + ")",
+           "- " + tr(lang, "decoding", max_new_tokens=summary["settings"]["max_new_tokens"],
+                     seed=summary["settings"]["seed"]),
+           "", f"## {tr(lang, 'scores')}", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in _aggregate_rows(summary)]
-    out += ["", "BLEU and chrF are 0-100; ROUGE, matches and embedding similarity 0-1; judge 1-5; "
-            "improvement is positive when better (lower loss/perplexity is better).", ""]
-    for key, title in (("metrics_chart", "Mean scores"), ("histogram_chart", "Per-example scores")):
+    out += ["", tr(lang, "scale"), ""]
+    for key, title in (("metrics_chart", "mean_scores"), ("histogram_chart", "per_example")):
         if key in files:
-            out += [f"![{title}]({files[key]})", ""]
+            out += [f"![{tr(lang, title)}]({files[key]})", ""]
     if summary.get("chart_labels"):
-        out += ["In the charts: " + "; ".join(f"{k} = {v}" for k, v in summary["chart_labels"].items()), ""]
+        out += [tr(lang, "chart_labels") + ": " + "; ".join(f"{k} = {v}" for k, v in summary["chart_labels"].items()),
+                ""]
     for tuned in models[1:] or [None]:
         best, worst = pick_examples(results, models[0], tuned)
-        for title, pairs in ((f"Most improved ({tuned})" if tuned else "Best answers", best),
-                             (f"Most worsened ({tuned})" if tuned else "Worst answers", worst if tuned else [])):
+        sections = ((tr(lang, "improved", name=tuned), best), (tr(lang, "worsened", name=tuned), worst)) if tuned \
+            else ((tr(lang, "best"), best),)
+        for title, pairs in sections:
             if not pairs:
                 continue
             out += [f"## {title}", ""]
             for base_row, tuned_row in pairs:
-                out += [f"### Example {base_row['id']}", "", "**Prompt**", "", _quote(base_row["prompt"]), "",
-                        "**Reference**", "", _quote(base_row["reference"]), "",
+                out += [f"### {tr(lang, 'example', id=base_row['id'])}", "", f"**{tr(lang, 'prompt')}**", "",
+                        _quote(base_row["prompt"], lang), "", f"**{tr(lang, 'reference')}**", "",
+                        _quote(base_row["reference"], lang), "",
                         f"**base** ({PRIMARY_METRIC} {_fmt(base_row.get(PRIMARY_METRIC), 1)})", "",
-                        _quote(base_row["answer"]), ""]
+                        _quote(base_row["answer"], lang), ""]
                 if tuned_row:
                     out += [f"**{tuned}** ({PRIMARY_METRIC} {_fmt(tuned_row.get(PRIMARY_METRIC), 1)})", "",
-                            _quote(tuned_row["answer"]), ""]
-    out += ["## Notes", "", f"- Tokenisation: Japanese = {summary['tokenization']['ja']}; other = "
-            f"{summary['tokenization']['other']}; languages: {summary['tokenization']['languages']}",
-            f"- Embedding model: {summary['embedding_model']}",
-            f"- Judge: {summary['judge'].get('note', '')}"]
-    out += [f"- Warning: {w}" for w in summary["warnings"]]
+                            _quote(tuned_row["answer"], lang), ""]
+    tok = summary["tokenization"]
+    out += [f"## {tr(lang, 'notes')}", "",
+            "- " + tr(lang, "tokenisation", ja=tok["ja"], other=tok["other"], languages=tok["languages"]),
+            "- " + tr(lang, "embedding", note=summary["embedding_model"]),
+            "- " + tr(lang, "judge", note=summary["judge"].get("note", ""))]
+    out += ["- " + tr(lang, "warning", message=w) for w in summary["warnings"]]
     return "\n".join(out) + "\n"
 
 
@@ -244,69 +293,77 @@ def _cell(text: str) -> str:
     return f"<td>{html.escape(text)}</td>"
 
 
-def _html_pair(base_row: dict, tuned_row: dict | None, tuned: str | None) -> str:
+def _html_pair(base_row: dict, tuned_row: dict | None, tuned: str | None, lang: str = "en") -> str:
     e = html.escape
-    boxes = [("Prompt", base_row["prompt"]), ("Reference", base_row["reference"]),
+    boxes = [(tr(lang, "prompt"), base_row["prompt"]), (tr(lang, "reference"), base_row["reference"]),
              (f"base ({PRIMARY_METRIC} {_fmt(base_row.get(PRIMARY_METRIC), 1)})", base_row["answer"])]
     if tuned_row is not None:
         boxes.append((f"{tuned} ({PRIMARY_METRIC} {_fmt(tuned_row.get(PRIMARY_METRIC), 1)})", tuned_row["answer"]))
-    inner = "".join(f"<div><h4>{e(t)}</h4>{e(str(v)) or '<em>(empty)</em>'}</div>" for t, v in boxes)
-    title = f"<strong>Example {e(str(base_row['id']))}</strong>"
+    empty = f"<em>{e(tr(lang, 'empty'))}</em>"
+    inner = "".join(f"<div><h4>{e(t)}</h4>{e(str(v)) or empty}</div>" for t, v in boxes)
+    title = f"<strong>{e(tr(lang, 'example', id=base_row['id']))}</strong>"
     return f'<div class="example">{title}<div class="pair">{inner}</div></div>'
 
 
-def render_html(out_dir: Path, summary: dict, results: list[dict], files: dict[str, str]) -> str:
+def render_html(out_dir: Path, summary: dict, results: list[dict], files: dict[str, str], lang: str = "en") -> str:
     """report.html: self-contained (inline CSS, charts as base64 PNG, no external fonts or scripts)."""
     e = html.escape
     models = summary["models"]
     data = summary["data"]
-    head = "".join(f"<th>{e(h)}</th>" for h in _header(summary))
+    head = "".join(f"<th>{e(h)}</th>" for h in _header(summary, lang))
     body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in _aggregate_rows(summary))
+    detail = tr(lang, "data_detail", source=data["source"], format=data["format"], n=data["num_examples"])
     parts = [
-        "<!DOCTYPE html>", '<html lang="ja"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>", f'<html lang="{"ja" if lang == "ja" else "en"}"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        "<title>loralab evaluation report</title>", f"<style>{_CSS}</style></head><body>",
-        "<h1>Evaluation report</h1>", "<ul>",
-        f"<li>Base model: <code>{e(summary['base_model'])}</code></li>",
-        *[f"<li>Adapter <code>{e(a['name'])}</code>: <code>{e(a['path'])}</code></li>" for a in summary["adapters"]],
-        f"<li>Data: <code>{e(data['path'])}</code> ({e(data['source'])}, format {e(data['format'])}, "
-        f"{data['num_examples']} examples)</li>",
-        f"<li>Decoding: greedy, max_new_tokens={summary['settings']['max_new_tokens']}, "
-        f"seed={summary['settings']['seed']}</li></ul>",
-        *[f'<p class="warn">Warning: {e(w)}</p>' for w in summary["warnings"]],
-        "<h2>Scores</h2>", f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
-        "<p>BLEU and chrF are 0-100; ROUGE, matches and embedding similarity 0-1; judge 1-5; "
-        "improvement is positive when better (lower loss/perplexity is better).</p>",
+        f"<title>loralab: {e(tr(lang, 'title'))}</title>", f"<style>{_CSS}</style></head><body>",
+        f"<h1>{e(tr(lang, 'title'))}</h1>", "<ul>",
+        f"<li>{e(tr(lang, 'base_model'))}: <code>{e(summary['base_model'])}</code></li>",
+        *[f"<li>{e(tr(lang, 'adapter'))} <code>{e(a['name'])}</code>: <code>{e(a['path'])}</code></li>"
+          for a in summary["adapters"]],
+        f"<li>{e(tr(lang, 'data'))}: <code>{e(data['path'])}</code> ({e(detail)})</li>",
+        "<li>" + e(tr(lang, "decoding", max_new_tokens=summary["settings"]["max_new_tokens"],
+                      seed=summary["settings"]["seed"])) + "</li></ul>",
+        *[f'<p class="warn">{e(tr(lang, "warning", message=w))}</p>' for w in summary["warnings"]],
+        f"<h2>{e(tr(lang, 'scores'))}</h2>", f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+        f"<p>{e(tr(lang, 'scale'))}</p>",
     ]
     if "metrics_chart" in files:
-        parts += ["<h2>Mean scores</h2>", _img(out_dir, files["metrics_chart"], "mean score per model and metric")]
+        parts += [f"<h2>{e(tr(lang, 'mean_scores'))}</h2>",
+                  _img(out_dir, files["metrics_chart"], tr(lang, "alt_metrics"))]
     if "histogram_chart" in files:
-        parts += ["<h2>Per-example scores</h2>", _img(out_dir, files["histogram_chart"], "per-example histograms")]
+        parts += [f"<h2>{e(tr(lang, 'per_example'))}</h2>",
+                  _img(out_dir, files["histogram_chart"], tr(lang, "alt_hist"))]
     if summary.get("chart_labels"):
-        parts.append("<p>In the charts: " + "; ".join(f"{e(k)} = {e(v)}" for k, v in summary["chart_labels"].items())
-                     + "</p>")
+        parts.append(f"<p>{e(tr(lang, 'chart_labels'))}: "
+                     + "; ".join(f"{e(k)} = {e(v)}" for k, v in summary["chart_labels"].items()) + "</p>")
     for tuned in models[1:] or [None]:
         best, worst = pick_examples(results, models[0], tuned)
-        sections = ((f"Most improved: {tuned} vs base", best), (f"Most worsened: {tuned} vs base", worst)) if tuned \
-            else (("Best answers (base)", best),)
+        sections = ((tr(lang, "improved", name=tuned), best), (tr(lang, "worsened", name=tuned), worst)) if tuned \
+            else ((tr(lang, "best"), best),)
         for title, pairs in sections:
             if pairs:
-                parts += [f"<h2>{e(title)}</h2>", *[_html_pair(b, t, tuned) for b, t in pairs]]
+                parts += [f"<h2>{e(title)}</h2>", *[_html_pair(b, t, tuned, lang) for b, t in pairs]]
     tok = summary["tokenization"]
-    parts += ["<h2>Notes</h2><ul>",
-              f"<li>Tokenisation: Japanese = {e(tok['ja'])}; other = {e(tok['other'])}; "
-              f"languages: {e(json.dumps(tok['languages'], ensure_ascii=False))}</li>",
-              f"<li>Embedding model: {e(summary['embedding_model'])}</li>",
-              f"<li>Judge: {e(summary['judge'].get('note', ''))}</li></ul>",
+    languages = json.dumps(tok["languages"], ensure_ascii=False)
+    parts += [f"<h2>{e(tr(lang, 'notes'))}</h2><ul>",
+              f"<li>{e(tr(lang, 'tokenisation', ja=tok['ja'], other=tok['other'], languages=languages))}</li>",
+              f"<li>{e(tr(lang, 'embedding', note=summary['embedding_model']))}</li>",
+              f"<li>{e(tr(lang, 'judge', note=summary['judge'].get('note', '')))}</li></ul>",
               "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
-def write_reports(out_dir: Path, summary: dict, results: list[dict]) -> dict[str, str]:
-    """Write every report file into out_dir; returns {kind: file name} (also stored in summary['files'])."""
+def write_reports(out_dir: Path, summary: dict, results: list[dict], lang: str = "en") -> dict[str, str]:
+    """Write every report file into out_dir; returns {kind: file name} (also stored in summary['files']).
+
+    report.html and report.md are in `lang`; report.en.html and report.ja.html hold both languages.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"results": "results.csv", "summary": "summary.json", "markdown": "report.md", "html": "report.html"}
+    lang = lang if lang in REPORT_LANGUAGES else "en"
+    files = {"results": "results.csv", "summary": "summary.json", "markdown": "report.md", "html": "report.html",
+             "html_en": "report.en.html", "html_ja": "report.ja.html"}
     write_csv(out_dir / files["results"], results)
     try:
         charts, renamed = write_charts(out_dir, summary, results)
@@ -316,8 +373,12 @@ def write_reports(out_dir: Path, summary: dict, results: list[dict]) -> dict[str
     except ImportError as exc:  # matplotlib missing: reports without charts
         summary["warnings"].append(f"charts skipped: {exc} (pip install matplotlib)")
     summary["files"] = files
+    summary["report_language"] = lang
     (out_dir / files["summary"]).write_text(json.dumps(summary, ensure_ascii=False, indent=2, default=str),
                                             encoding="utf-8")
-    (out_dir / files["markdown"]).write_text(render_markdown(summary, results, files), encoding="utf-8")
-    (out_dir / files["html"]).write_text(render_html(out_dir, summary, results, files), encoding="utf-8")
+    (out_dir / files["markdown"]).write_text(render_markdown(summary, results, files, lang), encoding="utf-8")
+    pages = {code: render_html(out_dir, summary, results, files, code) for code in REPORT_LANGUAGES}
+    for code, page in pages.items():
+        (out_dir / files[f"html_{code}"]).write_text(page, encoding="utf-8")
+    (out_dir / files["html"]).write_text(pages[lang], encoding="utf-8")
     return files

@@ -1,4 +1,4 @@
-"""Child-process entry point: `python -m loralab.engine.run RUN_DIR` trains the spec in RUN_DIR/spec.json."""
+"""Child-process entry point: `python -m loralab.engine.run RUN_DIR` trains (or evaluates) RUN_DIR/spec.json."""
 from __future__ import annotations
 
 import json
@@ -29,9 +29,12 @@ def execute(run_dir: Path, echo=None, install_signals: bool = True, stop: thread
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        from loralab.spec import TrainSpec
+        from loralab.spec import EvalSpec, TrainSpec
 
-        spec = TrainSpec.model_validate_json((run_dir / "spec.json").read_text(encoding="utf-8"))
+        text = (run_dir / "spec.json").read_text(encoding="utf-8")
+        if is_evaluation(text):
+            return run_evaluation(EvalSpec.model_validate_json(text), run_dir, events, stop)
+        spec = TrainSpec.model_validate_json(text)
     except FileNotFoundError:
         events.emit("error", code="spec_missing", message=f"{run_dir / 'spec.json'} not found", param=None)
         return EXIT_ERROR
@@ -58,6 +61,85 @@ def execute(run_dir: Path, echo=None, install_signals: bool = True, stop: thread
                         traceback=traceback.format_exc()[-4000:])
         return EXIT_ERROR
     return EXIT_CANCELLED if result["status"] == "cancelled" else EXIT_OK
+
+
+def is_evaluation(spec_text: str) -> bool:
+    """Whether spec.json holds an EvalSpec (`"kind": "evaluation"`) rather than a TrainSpec."""
+    try:
+        raw = json.loads(spec_text)
+    except ValueError:
+        return False
+    return isinstance(raw, dict) and raw.get("kind") == "evaluation"
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived during an evaluation: it stops between answers (nothing to checkpoint)."""
+
+
+def run_evaluation(spec, run_dir: Path, events, stop: threading.Event) -> int:
+    """Run an EvalSpec: started, progress (one per answer), done with the summary; reports written into run_dir."""
+    import time
+
+    from loralab.engine.evaluate import EvalError, evaluate
+
+    device = spec.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = {"total": None, "step": 0, "started": None}
+
+    def progress(event: dict) -> None:
+        if stop.is_set():
+            raise _Stopped
+        stage = event.get("stage")
+        if stage == "load":
+            state["total"] = event["num_examples"] * event["num_models"]
+            state["started"] = time.monotonic()
+            events.emit("started", total_steps=state["total"], num_examples=event["num_examples"],
+                        num_models=event["num_models"], device=device, kind="evaluation", resumed_from_step=0)
+        elif stage == "generate":
+            state["step"] += 1
+            elapsed = time.monotonic() - (state["started"] or time.monotonic())
+            total, step = state["total"] or 0, state["step"]
+            events.emit("progress", stage=stage, model=event.get("model"), step=step, total_steps=total,
+                        eta_s=round(elapsed / step * (total - step), 1) if step and total else None)
+        elif stage in ("score", "judge", "report") and event.get("message"):
+            events.emit("progress", stage=stage, step=state["step"], total_steps=state["total"],
+                        message=event["message"])
+        elif stage == "warning":
+            events.log(event.get("message", ""), level="warning")
+
+    try:
+        summary = evaluate(spec.base_model, spec.adapters, spec.data_path, run_dir, max_new_tokens=spec.max_new_tokens,
+                           limit=spec.limit, judge=None if spec.judge else False, seed=spec.seed, progress=progress,
+                           device=device, embeddings=spec.embeddings, report_language=spec.report_language)
+    except _Stopped:
+        events.emit("cancelled", step=state["step"], checkpoint=None)
+        return EXIT_CANCELLED
+    except EvalError as exc:
+        events.emit("error", code=exc.code, message=exc.message, param=exc.param)
+        return EXIT_ERROR
+    except MemoryError:
+        events.emit("error", code="out_of_memory", message="ran out of memory: lower max_new_tokens or limit",
+                    param=None)
+        return EXIT_ERROR
+    except Exception as exc:  # unexpected: keep the traceback for the logs, report a clean error
+        events.emit("error", code="evaluation_failed", message=f"{type(exc).__name__}: {exc}", param=None,
+                    traceback=traceback.format_exc()[-4000:])
+        return EXIT_ERROR
+    events.emit("done", **done_fields(summary))
+    return EXIT_OK
+
+
+def done_fields(summary: dict) -> dict:
+    """What an evaluation's `done` event carries: the summary without per-row detail (that stays in the files)."""
+    keep = ("base_model", "adapters", "models", "data", "settings", "metrics", "improvement_pct", "delta",
+            "tokenization", "embedding_model", "judge", "warnings", "eval_seconds", "files", "chart_labels",
+            "report_language")
+    out = {k: summary[k] for k in keep if k in summary}
+    out["kind"] = "evaluation"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

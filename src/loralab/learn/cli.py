@@ -1,8 +1,13 @@
-"""`loralab learn`: read the course, take quizzes in the terminal, track progress, and run the LoRA calculator."""
+"""`loralab learn`: read the course, take quizzes in the terminal, track progress, and run the LoRA calculator.
+
+Progress goes to the database through services.learning (user 'local' by default), so the CLI and the web UI share it.
+"""
 from __future__ import annotations
 
 import unicodedata
-from typing import Optional
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -10,7 +15,7 @@ from rich.markdown import Markdown
 from rich.markup import escape
 from rich.table import Table
 
-from loralab.learn import course, progress
+from loralab.learn import course
 from loralab.spec import EMBEDDED_MODEL
 
 learn_app = typer.Typer(
@@ -54,6 +59,7 @@ _MSG = {
 }
 
 LangOption = typer.Option(None, "--lang", "-l", help="ja or en (default: LORALAB_LANG, else the locale).")
+UserOption = typer.Option("local", "--user", "-u", help="Learner id whose progress is read and saved.")
 
 
 def _console() -> Console:
@@ -82,24 +88,41 @@ def _topic(topic_id: str, lang: course.Lang) -> course.Topic:
         raise  # unreachable: _fail exits
 
 
-def _load_progress() -> progress.Progress:
+@contextmanager
+def _services() -> Iterator[Any]:
+    """The services (database) for one command; a user error from them ends the command with its message."""
+    from loralab.services.context import open_services
+    from loralab.services.errors import LoralabError
+
+    svc = None
     try:
-        return progress.load()
-    except progress.ProgressError as exc:
-        _fail(str(exc))
-        raise
+        svc = open_services()
+        yield svc
+    except LoralabError as exc:
+        _fail(exc.message)
+    finally:
+        if svc is not None:
+            svc.close()
+
+
+def _topic_progress(svc, user: str) -> dict[str, dict]:
+    from loralab.services import learning
+
+    return {t["id"]: t for t in learning.get_progress(svc, user)["topics"]}
 
 
 @learn_app.command("list")
 def list_cmd(
     lang: Optional[str] = LangOption,
     level: Optional[int] = typer.Option(None, "--level", min=1, max=3, help="Only this level (1-3)."),
+    user: str = UserOption,
 ) -> None:
     """List the course topics with your progress."""
     language = _lang(lang)
     msg = _MSG[language]
     topics = course.list_topics(language, level)
-    saved = _load_progress()
+    with _services() as svc:
+        saved = _topic_progress(svc, user)
     console = _console()
     if not topics:
         console.print(msg["none"])
@@ -109,19 +132,20 @@ def list_cmd(
         for column in ("#", msg["col_id"], msg["col_topic"], msg["col_min"], msg["col_status"]):
             table.add_column(column)
         for topic in (t for t in topics if t.level == lvl):
-            state = saved.topic(topic.id)
+            state = saved[topic.id]
             status = []
-            if state.read_at:
+            if state["read"]:
                 status.append(msg["read"])
-            if state.quiz:
-                status.append(msg["quiz"].format(s=state.quiz.best_score, t=state.quiz.total))
+            if state["quiz"]:
+                best = state["quiz"]["best"]
+                status.append(msg["quiz"].format(s=best["score"], t=best["total"]))
             table.add_row(topic.code, topic.id, escape(topic.title), str(topic.minutes), ", ".join(status))
         console.print(table)
 
 
 @learn_app.command("show")
 def show_cmd(topic_id: str = typer.Argument(..., help="Topic id or code, e.g. tokens or 1-02."),
-             lang: Optional[str] = LangOption) -> None:
+             lang: Optional[str] = LangOption, user: str = UserOption) -> None:
     """Read a topic (rendered Markdown) and its hands-on steps; marks it as read."""
     language = _lang(lang)
     msg = _MSG[language]
@@ -130,8 +154,12 @@ def show_cmd(topic_id: str = typer.Argument(..., help="Topic id or code, e.g. to
     console.rule(f"[bold]{topic.code}  {escape(topic.title)}[/bold]")
     console.print(f"[italic]{escape(topic.summary)}[/italic]\n")
     console.print(Markdown(topic.body))
+    from loralab.services import learning
+
+    with _services() as svc:
+        done = {s["id"] for s in _topic_progress(svc, user)[topic.id]["steps"] if s["done"]}
+        learning.mark_read(svc, user, topic.id)
     if topic.steps:
-        done = _load_progress().topic(topic.id).steps
         console.print(f"\n[bold]{msg['steps']}[/bold]")
         lines = [
             f"{number}. {'✓ ' if step.id in done else ''}{step.instruction} "
@@ -140,7 +168,6 @@ def show_cmd(topic_id: str = typer.Argument(..., help="Topic id or code, e.g. to
         ]
         console.print(Markdown("\n".join(lines)))
     console.print("\n" + msg["next"].format(id=topic.id))
-    progress.record_read(topic.id)
 
 
 def _normalise_answer(raw: str, question: course.Question) -> str | None:
@@ -156,7 +183,7 @@ def _normalise_answer(raw: str, question: course.Question) -> str | None:
 
 @learn_app.command("quiz")
 def quiz_cmd(topic_id: str = typer.Argument(..., help="Topic id or code."),
-             lang: Optional[str] = LangOption) -> None:
+             lang: Optional[str] = LangOption, user: str = UserOption) -> None:
     """Answer a topic's quiz in the terminal (answers from stdin); feedback after each question."""
     language = _lang(lang)
     msg = _MSG[language]
@@ -184,24 +211,30 @@ def quiz_cmd(topic_id: str = typer.Argument(..., help="Topic id or code."),
             console.print(f"[red]{escape(msg['wrong'].format(id=right.id, text=right.text))}[/red]")
             console.print(f"  {msg['why_chosen']} {escape(result.explanation)}")
             console.print(f"  {msg['why_right'].format(id=right.id)} {escape(result.correct_explanation)}")
-    graded = course.grade(topic.id, answers, language)
-    console.print("\n[bold]" + msg["score"].format(s=graded.score, t=graded.total, p=graded.percent) + "[/bold]")
-    console.print(msg["passed"] if graded.passed else msg["failed"].format(id=topic.id))
-    progress.record_quiz(topic.id, graded.score, graded.total)
+    from loralab.services import learning
+
+    with _services() as svc:
+        graded = learning.submit_quiz(svc, user, topic.id, answers, language)
+    console.print("\n[bold]" + msg["score"].format(s=graded["score"], t=graded["total"], p=graded["percent"])
+                  + "[/bold]")
+    console.print(msg["passed"] if graded["passed"] else msg["failed"].format(id=topic.id))
 
 
 @learn_app.command("done")
 def done_cmd(topic_id: str = typer.Argument(..., help="Topic id or code."),
              step_id: str = typer.Argument(..., help="Step id as shown by `loralab learn show`."),
-             lang: Optional[str] = LangOption) -> None:
-    """Mark a hands-on step as done yourself."""
+             lang: Optional[str] = LangOption, user: str = UserOption) -> None:
+    """Mark a hands-on step as done (checked against real state: a dataset, a succeeded job...)."""
     language = _lang(lang)
     msg = _MSG[language]
     topic = _topic(topic_id, language)
     steps = [s.id for s in topic.steps]
     if step_id not in steps:
         _fail(msg["unknown_step"].format(id=topic.id, step=step_id, steps=", ".join(steps) or "-"))
-    progress.record_step(topic.id, step_id)
+    from loralab.services import learning
+
+    with _services() as svc:
+        learning.mark_step(svc, user, topic.id, step_id)
     _console().print(msg["step_done"].format(id=topic.id, step=step_id))
 
 
@@ -213,6 +246,7 @@ def calc_cmd(
                                        help="'all-linear' or names such as q_proj,v_proj."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     lang: Optional[str] = LangOption,
+    user: str = UserOption,
 ) -> None:
     """LoRA calculator: trainable parameters and adapter size, from the model's real config."""
     from loralab.learn.calculator import CalculatorError, estimate_lora, format_bytes
@@ -224,6 +258,10 @@ def calc_cmd(
     except CalculatorError as exc:
         _fail(str(exc))
         return
+    from loralab.services.learning import record_calculator
+
+    with _services() as svc:
+        record_calculator(svc, user, base_model, r, result)
     console = _console()
     if as_json:
         console.print_json(result.model_dump_json())

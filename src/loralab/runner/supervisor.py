@@ -82,6 +82,8 @@ def progress_of(events: list[tuple[int, dict[str, Any]]], current: dict[str, Any
             progress.update(total_steps=event.get("total_steps"), step=event.get("resumed_from_step") or 0)
         elif kind == "step":
             progress.update({k: event.get(k) for k in ("step", "total_steps", "loss", "eta_s", "epoch")})
+        elif kind == "progress":  # an evaluation: one per answer generated, then the scoring stages
+            progress.update({k: event[k] for k in ("step", "total_steps", "eta_s", "stage", "model") if k in event})
         elif kind == "done":
             progress.update(eta_s=0, step=event.get("total_steps", progress.get("step")))
         else:
@@ -267,6 +269,8 @@ class Supervisor:
         return self._finish("failed", error=error, event={"type": "error", **error})
 
     def _succeed(self) -> str:
+        if self.claim.spec.get("kind") == "evaluation":  # an evaluation's result is its report, not a model
+            return self._finish("succeeded")
         summary = self._read_summary()
         model_id = new_id("ft")
         target = contain(self.settings.home / "registry", model_id)

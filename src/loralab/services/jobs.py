@@ -53,6 +53,19 @@ def check_base_model(svc: Services, name: str) -> str:
     return str(path)
 
 
+def check_method_fits_data(method: str, dataset) -> None:
+    """DPO trains on preference pairs and only on them; the other methods need instruction, chat or text rows."""
+    preference = (dataset.stats or {}).get("canonical_format", dataset.format) == "preference"
+    if method == "dpo" and not preference:
+        raise Invalid(f"method 'dpo' needs a preference dataset (prompt/chosen/rejected rows) but dataset "
+                      f"{dataset.id} holds {dataset.format} rows; pick a preference dataset or method 'lora'",
+                      code="wrong_dataset_format", param="dataset_id")
+    if method != "dpo" and preference:
+        raise Invalid(f"dataset {dataset.id} holds preference pairs (prompt/chosen/rejected): train it with "
+                      f"method 'dpo' (method '{method}' needs instruction, chat or text rows)",
+                      code="wrong_dataset_format", param="method")
+
+
 def _check_runtime(spec: TrainSpec) -> None:
     """Refuse at validation what this machine cannot run (QLoRA without CUDA, an unknown parallel config...)."""
     from loralab.engine.distributed import SHIPPED_CONFIGS, check_runtime
@@ -73,6 +86,7 @@ def create_job(svc: Services, request: CreateJobRequest | dict[str, Any]) -> dic
     except NotFound:
         raise Invalid(f"dataset {request.dataset_id!r} not found; upload it first (POST /api/datasets/upload) "
                       "or pick an id from GET /api/datasets", code="dataset_not_found", param="dataset_id") from None
+    check_method_fits_data(request.method, dataset)
     base_model = check_base_model(svc, request.base_model)
     fields = request.model_dump(exclude={"dataset_id", "model_name", "data", "base_model", "resume_from"})
     resume_from = None

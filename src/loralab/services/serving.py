@@ -1,8 +1,11 @@
 """Generation for the API and UI: resolve a model reference, keep a small LRU of loaded models, generate or stream."""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,11 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loralab.services import registry
 from loralab.services.context import Services
-from loralab.services.inference import AdapterError, Piece, PromptTooLong, Sampling, Stream, WorkerClosed
+from loralab.services.inference import (AdapterError, Completion, Piece, PromptTooLong, Sampling, Stream,
+                                       WorkerClosed)
 from loralab.services.jobs import check_base_model
 from loralab.spec import EMBEDDED_MODEL, GenerateSpec
 from loralab.store.errors import Invalid
 from loralab.store.paths import ID_PATTERNS, contain
+
+log = logging.getLogger(__name__)
+AB_PREFIX = "ab:"  # `model: "ab:<name>"` is routed by the active A/B test of that name
 
 
 class Message(BaseModel):
@@ -33,6 +40,8 @@ class GenerateRequest(GenerateSpec):
     prompt: str | None = Field(None, description="Raw prompt text (no chat template).")
     messages: list[Message] | None = Field(None, description="Chat turns; the model's chat template is applied.")
     stream: bool = Field(False, description="Stream text pieces as server-sent events.")
+    user: str | None = Field(None, max_length=200, description="User or session id: keeps an A/B test's arm "
+                                                               "sticky and is stored with the generation.")
 
     @model_validator(mode="after")
     def _one_input(self) -> "GenerateRequest":
@@ -117,9 +126,17 @@ def _sampling(spec: GenerateSpec) -> Sampling:
                     stop=tuple(spec.stop), repetition_penalty=spec.repetition_penalty)
 
 
-def _open(svc: Services, request: GenerateRequest) -> tuple[Stream, str]:
-    base, adapter, label = resolve_target(svc, request)
-    return open_stream(svc, base, adapter, [_inputs(request)], _sampling(request.sampling())), label
+def _open(svc: Services, request: GenerateRequest, source: str = "api",
+          subject: str | None = None) -> tuple[Stream, "Recorder"]:
+    subject = request.user or subject
+    if request.model and request.model.startswith(AB_PREFIX):
+        target = route_model(svc, request.model, subject)
+    else:
+        base, adapter, label = resolve_target(svc, request)
+        target = Target(base, adapter, label, request.model or label, subject=subject)
+    inputs = [_inputs(request)]
+    stream = open_stream(svc, target.base, target.adapter, inputs, _sampling(request.sampling()))
+    return stream, Recorder(svc, target, source, inputs)
 
 
 def _inputs(request: GenerateRequest) -> dict[str, Any]:
@@ -128,27 +145,156 @@ def _inputs(request: GenerateRequest) -> dict[str, Any]:
     return {"prompt": request.prompt}
 
 
-def generate_text(svc: Services, request: GenerateRequest) -> dict[str, Any]:
-    """One whole completion (batched with concurrent requests on the same base model)."""
-    stream, label = _open(svc, request)
-    done = stream.result()[0]
-    return {"model": label, "text": done.text, "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens, "finish_reason": done.finish_reason}
+def generate_text(svc: Services, request: GenerateRequest, subject: str | None = None) -> dict[str, Any]:
+    """One whole completion (batched with concurrent requests on the same base model), recorded with an id."""
+    stream, recorder = _open(svc, request, "api", subject)
+    done = stream.result()
+    recorder.finish(stream, done)
+    first = done[0]
+    return {"id": recorder.id, "model": recorder.target.label, "text": first.text,
+            "prompt_tokens": first.prompt_tokens, "completion_tokens": first.completion_tokens,
+            "finish_reason": first.finish_reason, **recorder.ab_fields()}
 
 
-def stream_text(svc: Services, request: GenerateRequest) -> Iterator[str]:
-    """Text pieces as they are generated (the model is loaded before the first piece, so errors come early)."""
-    stream, _ = _open(svc, request)
+class TextStream:
+    """Text pieces of one recorded generation; `id` is its generation id (recorded when the stream ends)."""
 
-    def pieces() -> Iterator[str]:
+    def __init__(self, stream: Stream, recorder: "Recorder"):
+        self.id, self.recorder, self._stream = recorder.id, recorder, stream
+        recorder.start()
+        self._pieces = self._run()
+
+    def _run(self) -> Iterator[str]:
+        completions: list[Completion] = []
         try:
-            for event in stream:
+            for event in self._stream:
                 if isinstance(event, Piece):
+                    self.recorder.piece(event)
                     yield event.text
+                else:
+                    completions.append(event)
+            self.recorder.finish(self._stream, completions)
         finally:
-            stream.close()
+            self._stream.close()
+            self.recorder.finish(self._stream, completions, interrupted=True)  # no-op after a normal end
 
-    return pieces()
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
+def stream_text(svc: Services, request: GenerateRequest, source: str = "api",
+                subject: str | None = None) -> TextStream:
+    """Text pieces as they are generated (the model is loaded before the first piece, so errors come early)."""
+    stream, recorder = _open(svc, request, source, subject)
+    return TextStream(stream, recorder)
+
+
+# ---- recording and A/B routing: every answer served gets a generation id -------------------------------------
+
+@dataclass
+class Target:
+    """Where a request goes: base model, adapter, the label reported, and the A/B test arm that chose it."""
+
+    base: str
+    adapter: str | None
+    label: str
+    requested: str
+    ab_test_id: str | None = None
+    arm: str | None = None
+    subject: str | None = None
+
+
+def route_model(svc: Services, ref: str, subject: str | None = None) -> Target:
+    """The target of an OpenAI-style `model` (see resolve_served_model), or of `ab:<name>` (an A/B test arm)."""
+    ref = (ref or "").strip()
+    if ref.startswith(AB_PREFIX):
+        from loralab.services import abtests
+
+        test, arm, arm_ref = abtests.route(svc, ref[len(AB_PREFIX):], subject)
+        base, adapter, label = resolve_served_model(svc, arm_ref)
+        return Target(base, adapter, label, ref, test.id, arm, subject)
+    base, adapter, label = resolve_served_model(svc, ref)
+    return Target(base, adapter, label, ref, subject=subject)
+
+
+def _input_record(inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(inputs[0]) if len(inputs) == 1 else {"prompts": inputs}
+
+
+class Recorder:
+    """Writes one `generations` row when a served answer is complete (or cut short); its id goes to the client."""
+
+    def __init__(self, svc: Services, target: Target, source: str, inputs: list[dict[str, Any]]):
+        from loralab.store.repo import new_id
+
+        self.svc, self.target, self.source = svc, target, source
+        self.input = _input_record(inputs)
+        self.id = new_id("gen")
+        self._texts: dict[int, str] = {}
+        self._done = self._started = False
+
+    def ab_fields(self) -> dict[str, Any]:
+        if self.target.ab_test_id is None:
+            return {}
+        return {"ab_test_id": self.target.ab_test_id, "arm": self.target.arm}
+
+    def piece(self, piece: Piece) -> None:
+        self._texts[piece.index] = self._texts.get(piece.index, "") + piece.text
+
+    def start(self) -> None:
+        """Record the generation as in progress (streams: feedback may come before the last piece)."""
+        self._write(lambda store: store.add_generation(
+            id=self.id, requested_model=self.target.requested[:300], model=self.target.label[:300],
+            base_model=_base_label(self.svc, self.target.base)[:300], adapter=self.target.adapter,
+            source=self.source, input=self.input, output="", outputs=[], prompt_hash=self._hash(),
+            finish_reason=None, prompt_tokens=0, completion_tokens=0, ab_test_id=self.target.ab_test_id,
+            arm=self.target.arm, subject=(self.target.subject or None) and self.target.subject[:200]))
+        self._started = True
+
+    def finish(self, stream: Stream, completions: list[Completion], interrupted: bool = False) -> None:
+        """Store the answer once; a failure to record is logged, never turned into a failed request."""
+        if self._done:
+            return
+        self._done = True
+        by_index = {c.index: c for c in completions}
+        count = max([*by_index, *self._texts, -1]) + 1
+        outputs = [by_index[i].text if i in by_index else self._texts.get(i, "") for i in range(count)] or [""]
+        reason = None if interrupted else (completions[0].finish_reason if completions else None)
+        final = {"output": outputs[0], "outputs": outputs, "finish_reason": "cancelled" if interrupted else reason,
+                 "prompt_tokens": stream.prompt_tokens,
+                 "completion_tokens": sum(c.completion_tokens for c in completions)}
+        if self._started:
+            self._write(lambda store: store.finish_generation(self.id, **final))
+            return
+        self._write(lambda store: store.add_generation(
+            id=self.id, requested_model=self.target.requested[:300], model=self.target.label[:300],
+            base_model=_base_label(self.svc, self.target.base)[:300], adapter=self.target.adapter,
+            source=self.source, input=self.input, prompt_hash=self._hash(), ab_test_id=self.target.ab_test_id,
+            arm=self.target.arm, subject=(self.target.subject or None) and self.target.subject[:200], **final))
+
+    def _hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.input, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def _write(self, action) -> None:
+        try:
+            from loralab.store.feedback import FeedbackStore
+
+            action(FeedbackStore(self.svc.db))
+        except Exception:  # noqa: BLE001 - serving must not fail because the record could not be written
+            log.exception("could not record generation %s", self.id)
+
+
+def open_recorded(svc: Services, target: Target, inputs: list[dict[str, Any]], sampling: Sampling, n: int = 1,
+                  source: str = "openai") -> tuple[Stream, Recorder]:
+    """open_stream plus the recorder of this answer (the caller calls recorder.finish when it is complete)."""
+    stream = open_stream(svc, target.base, target.adapter, inputs, sampling, n)
+    return stream, Recorder(svc, target, source, inputs)
 
 
 # ---- OpenAI-compatible serving: which names a client may ask for -------------------------------------------

@@ -41,6 +41,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     status: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[str] = mapped_column(String(20), default="train", server_default="train")  # train | evaluation
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     dataset_id: Mapped[str | None] = mapped_column(String(40), index=True)
     model_name: Mapped[str] = mapped_column(String(200))
@@ -110,3 +111,154 @@ class Deployment(Base):
     model_id: Mapped[str] = mapped_column(String(40))
     action: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[float] = mapped_column(Float)
+
+
+# ---- learning center (issue #8): progress per user ---------------------------------------------------------------
+
+
+class LearnUser(Base):
+    """A learner: 'local' for the CLI, a per-browser id from the web UI, any id an API client chooses."""
+
+    __tablename__ = "learn_users"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    last_seen_at: Mapped[float] = mapped_column(Float)
+    imported_from: Mapped[str | None] = mapped_column(Text)
+
+
+class LearnTopicRead(Base):
+    """A topic a user has read (the first time counts)."""
+
+    __tablename__ = "learn_topic_reads"
+
+    user_id: Mapped[str] = mapped_column(String(64), ForeignKey("learn_users.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    topic_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    read_at: Mapped[float] = mapped_column(Float)
+
+
+class LearnQuizAttempt(Base):
+    """One attempt at a topic's quiz (retakes add rows: best and latest are both kept), with the answers given."""
+
+    __tablename__ = "learn_quiz_attempts"
+    __table_args__ = (Index("ix_learn_quiz_attempts_user_topic", "user_id", "topic_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(64), ForeignKey("learn_users.id", ondelete="CASCADE"))
+    topic_id: Mapped[str] = mapped_column(String(64))
+    lang: Mapped[str] = mapped_column(String(5))
+    score: Mapped[int] = mapped_column(Integer)
+    total: Mapped[int] = mapped_column(Integer)
+    passed: Mapped[bool] = mapped_column(Boolean)
+    answers: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class LearnStep(Base):
+    """A hands-on step a user has done (topic steps, and the guided steps under topic 'guided'), with evidence."""
+
+    __tablename__ = "learn_steps"
+
+    user_id: Mapped[str] = mapped_column(String(64), ForeignKey("learn_users.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    topic_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    step_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    done_at: Mapped[float | None] = mapped_column(Float)
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+# ---- feedback, A/B tests (helper C) -----------------------------------------------------------------------
+
+class Generation(Base):
+    """One answer served by loralab (API, /v1, playground): what was asked, of which model, what came back."""
+
+    __tablename__ = "generations"
+    __table_args__ = (Index("ix_generations_ab_arm", "ab_test_id", "arm"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    requested_model: Mapped[str] = mapped_column(String(300))
+    model: Mapped[str] = mapped_column(String(300), index=True)
+    base_model: Mapped[str] = mapped_column(String(300))
+    adapter: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(20))
+    input: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prompt_hash: Mapped[str] = mapped_column(String(64), index=True)
+    output: Mapped[str] = mapped_column(Text)
+    outputs: Mapped[list[Any]] = mapped_column(JSON)
+    finish_reason: Mapped[str | None] = mapped_column(String(20))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    ab_test_id: Mapped[str | None] = mapped_column(String(40))
+    arm: Mapped[str | None] = mapped_column(String(1))
+    subject: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class Feedback(Base):
+    """A user's judgement of one answer: rating 1-5 and/or thumbs, an optional better answer and a comment."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    generation_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    choice: Mapped[int] = mapped_column(Integer, default=0)
+    model: Mapped[str | None] = mapped_column(String(300), index=True)
+    input: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    output: Mapped[str | None] = mapped_column(Text)
+    rating: Mapped[int | None] = mapped_column(Integer)
+    thumbs: Mapped[str | None] = mapped_column(String(4))
+    corrected: Mapped[str | None] = mapped_column(Text)
+    comment: Mapped[str | None] = mapped_column(Text)
+    user: Mapped[str | None] = mapped_column(String(200))
+    ab_test_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    arm: Mapped[str | None] = mapped_column(String(1))
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class AbTest(Base):
+    """An A/B test between two served models behind the endpoint name `ab:<name>`."""
+
+    __tablename__ = "ab_tests"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    model_a: Mapped[str] = mapped_column(String(300))
+    model_b: Mapped[str] = mapped_column(String(300))
+    split: Mapped[float] = mapped_column(Float)
+    metric: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    winner: Mapped[str | None] = mapped_column(String(1))
+    promoted_model: Mapped[str | None] = mapped_column(String(300))
+    created_at: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[float | None] = mapped_column(Float)
+
+
+class AbAssignment(Base):
+    """The sticky arm of one user/session in one A/B test."""
+
+    __tablename__ = "ab_assignments"
+
+    ab_test_id: Mapped[str] = mapped_column(String(40), ForeignKey("ab_tests.id", ondelete="CASCADE"),
+                                            primary_key=True)
+    subject: Mapped[str] = mapped_column(String(200), primary_key=True)
+    arm: Mapped[str] = mapped_column(String(1))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+# ---- evaluations (helper A) ----------------------------------------------------------------------------------
+# An evaluation is a job row with kind="evaluation"; its scores live in the run directory (summary.json, reports)
+# and in its `done` event. This table links it to the fine-tuned versions it scored, to list them by model.
+
+
+class EvaluationModel(Base):
+    """One fine-tuned model version scored by an evaluation job, with its place in the comparison."""
+
+    __tablename__ = "evaluation_models"
+
+    evaluation_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"),
+                                               primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(40), primary_key=True, index=True)
+    position: Mapped[int] = mapped_column(Integer)

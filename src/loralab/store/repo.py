@@ -151,9 +151,13 @@ class Repo:
                                                       "param": row.error_param})
             return row
 
-    def list_jobs(self, status: str | None = None, limit: int = 100, after: str | None = None) -> list[Job]:
+    def list_jobs(self, status: str | None = None, limit: int = 100, after: str | None = None,
+                  kind: str | None = "train") -> list[Job]:
+        """Jobs newest first; training jobs only unless `kind` says otherwise (None = every kind)."""
         with self.tx() as s:
             query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+            if kind:
+                query = query.where(Job.kind == kind)
             if status:
                 query = query.where(Job.status == status)
             if after:

@@ -22,7 +22,8 @@ CSS = """
 .progress-outer { background: var(--neutral-200); border-radius: 6px; height: 18px; overflow: hidden; }
 .progress-inner { background: var(--primary-500); height: 100%; transition: width 0.4s; }
 """
-PAGES = ("dashboard", "datasets", "train", "monitor", "playground", "models")
+PAGES = ("dashboard", "datasets", "train", "monitor", "playground", "models", "evaluate", "feedback", "abtests",
+         "learn")
 
 
 @dataclass
@@ -54,6 +55,16 @@ def build_blocks(svc: Services) -> gr.Blocks:
 
     modules = {"dashboard": dashboard, "datasets": datasets, "train": train, "monitor": monitor,
                "playground": playground, "models": models}
+    from loralab.ui import learn
+
+    modules["learn"] = learn
+    from loralab.ui import evaluate
+
+    modules["evaluate"] = evaluate
+    from loralab.ui import abtests, feedback
+
+    modules["feedback"] = feedback
+    modules["abtests"] = abtests
     labels = Labels()
     ctx = UiContext(svc, labels)
     with gr.Blocks(title="loralab", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:

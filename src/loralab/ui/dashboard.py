@@ -57,6 +57,8 @@ def system_markdown(svc, lang: str) -> str:
 
 def build(ctx) -> dict[str, Any]:
     """Lay out the dashboard; data is filled on load, on tab select and by the refresh button."""
+    import loralab.ui.learn  # noqa: F401  (registers the learning strings used below)
+
     labels = ctx.labels
     with gr.Row():
         with gr.Column(scale=2):
@@ -68,6 +70,8 @@ def build(ctx) -> dict[str, Any]:
                                      value="dash.go_datasets")
             go_train = labels.add(gr.Button(t("en", "dash.go_train")), value="dash.go_train")
             go_playground = labels.add(gr.Button(t("en", "dash.go_playground")), value="dash.go_playground")
+            go_learn = labels.add(gr.Button(t("en", "learn.dash_go"), elem_id="dash-go-learn"), value="learn.dash_go")
+            learn_progress = gr.Markdown(elem_id="dash-learn")
             labels.add(gr.Markdown("[API reference (/docs)](/docs)"),
                        value=lambda lang: f"[{t(lang, 'dash.api_docs')}](/docs)")
     running = labels.add(gr.Dataframe(job_table([], "en"), label=t("en", "dash.running"), interactive=False,
@@ -75,8 +79,8 @@ def build(ctx) -> dict[str, Any]:
     recent = labels.add(gr.Dataframe(job_table([], "en"), label=t("en", "dash.recent"), interactive=False,
                                      elem_id="dash-recent"), label="dash.recent")
     refresh = labels.add(gr.Button(t("en", "common.refresh"), size="sm"), value="common.refresh")
-    return {"sysinfo": sysinfo, "running": running, "recent": recent, "refresh": refresh,
-            "go": {"datasets": go_datasets, "train": go_train, "playground": go_playground}}
+    return {"sysinfo": sysinfo, "running": running, "recent": recent, "refresh": refresh, "learn": learn_progress,
+            "go": {"datasets": go_datasets, "train": go_train, "playground": go_playground, "learn": go_learn}}
 
 
 def connect(ctx) -> None:
@@ -96,3 +100,14 @@ def connect(ctx) -> None:
     ctx.on_language.append((refresh, [ctx.lang], outputs))
     for name, button in page["go"].items():
         button.click(lambda name=name: gr.Tabs(selected=name), outputs=[ctx.tabs], api_visibility="private")
+    if "learn" in ctx.pages:  # learning progress of this browser (its learner id lives on the Learn page)
+        from loralab.ui.learn import dashboard_markdown
+
+        inputs = [ctx.pages["learn"]["user"], ctx.lang]
+
+        def learn_refresh(user, lang):
+            return dashboard_markdown(svc, user, lang)
+
+        for trigger in (page["refresh"].click, ctx.tab_items["dashboard"].select):
+            trigger(learn_refresh, inputs=inputs, outputs=[page["learn"]], api_visibility="private")
+        ctx.on_language.append((learn_refresh, inputs, [page["learn"]]))

@@ -1,4 +1,4 @@
-"""Models page: the registry table with lineage and stage; stage changes, deploy, rollback and delete."""
+"""Models page: registry table with lineage, stage and latest evaluation; stage, deploy, rollback, delete."""
 from __future__ import annotations
 
 from typing import Any
@@ -68,9 +68,10 @@ def build(ctx) -> dict[str, Any]:
                                     value="mdl.delete")
             status = gr.Markdown(elem_id="mdl-status")
         with gr.Column(scale=3):
+            evaluation = gr.Markdown(elem_id="mdl-evaluation")
             info = labels.add(gr.JSON(label=t("en", "mdl.details"), elem_id="mdl-details"), label="mdl.details")
     return {"table": table, "pick": pick, "stage": stage, "set_stage": set_stage, "deploy": deploy,
-            "rollback": rollback, "delete": delete, "status": status, "info": info}
+            "rollback": rollback, "delete": delete, "status": status, "info": info, "evaluation": evaluation}
 
 
 def connect(ctx) -> None:
@@ -88,9 +89,15 @@ def connect(ctx) -> None:
         status = "" if models else t(language, "mdl.none")
         return model_table(svc, language), gr.Dropdown(choices=choices, value=value), status
 
-    def select(model_id: str | None):
+    def select(model_id: str | None, language: str):
+        from loralab.ui.evaluate import latest_text
+
         data = details(svc, model_id)
-        return data, gr.Radio(value=data.get("stage", "draft"))
+        try:
+            evaluation = latest_text(svc, model_id, language)
+        except LoralabError as exc:
+            evaluation = t(language, "common.error", message=exc.message)
+        return data, gr.Radio(value=data.get("stage", "draft")), evaluation
 
     def act(action: str, model_id: str | None, stage: str, language: str):
         if not model_id:
@@ -112,12 +119,13 @@ def connect(ctx) -> None:
         return text, *refresh(model["id"], language)[:2]
 
     outputs = [p["status"], p["table"], p["pick"]]
+    selected = [p["info"], p["stage"], p["evaluation"]]
     for name, button in (("stage", p["set_stage"]), ("deploy", p["deploy"]), ("rollback", p["rollback"]),
                          ("delete", p["delete"])):
         button.click(lambda m, s, lg, name=name: act(name, m, s, lg), inputs=[p["pick"], p["stage"], lang],
-                     outputs=outputs, **private).then(select, inputs=[p["pick"]], outputs=[p["info"], p["stage"]],
-                                                      **private)
-    p["pick"].change(select, inputs=[p["pick"]], outputs=[p["info"], p["stage"]], **private)
+                     outputs=outputs, **private).then(select, inputs=[p["pick"], lang], outputs=selected, **private)
+    p["pick"].change(select, inputs=[p["pick"], lang], outputs=selected, **private)
     refresh_outputs = [p["table"], p["pick"], p["status"]]
     ctx.tab_items["models"].select(refresh, inputs=[p["pick"], lang], outputs=refresh_outputs, **private)
     ctx.on_language.append((refresh, [p["pick"], lang], refresh_outputs))
+    ctx.on_language.append((select, [p["pick"], lang], selected))

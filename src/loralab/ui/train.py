@@ -10,7 +10,19 @@ from loralab.services import jobs, registry, system
 from loralab.services.errors import LoralabError
 from loralab.spec import EMBEDDED_MODEL, LoraSpec, TrainSpec
 from loralab.ui.datasets import dataset_choices
-from loralab.ui.i18n import field_info, format_bytes, format_count, t
+from loralab.ui.i18n import field_info, format_bytes, format_count, register_strings, t
+
+register_strings({
+    "dpo.method": ("DPO (preference pairs)", "DPO（選好ペア）"),
+    "dpo.method_info": ("LoRA trains small adapter matrices; full fine-tuning trains every weight; DPO trains a LoRA "
+                        "adapter to prefer the chosen answers of a preference dataset over the rejected ones.",
+                        "LoRA は小さなアダプター行列だけを学習し、フル ファインチューニングは全ての重みを学習します。"
+                        "DPO は選好データセットの「選ばれた回答」を「却下された回答」より好むよう LoRA アダプターを学習します。"),
+    "dpo.beta": ("beta (DPO)", "beta（DPO）"),
+    "dpo.beta_info": ("How far the model may move from where it started: higher stays closer. 0.1 is the usual value.",
+                      "学習開始時のモデルからどこまで離れてよいか。大きいほど元に近いまま。通常は 0.1。"),
+})
+DPO_DEFAULT_BETA = TrainSpec(data={"path": "-"}, method="dpo").beta
 
 # spec fields shown on the form, in layout order
 LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules")
@@ -98,14 +110,17 @@ def estimate_text(svc, spec: dict[str, Any], lang: str) -> str:
     lora = spec.get("lora", {})
     method, r = spec.get("method") or "lora", int(lora.get("r") or 8)
     targets = lora.get("target_modules") or "all-linear"
+    # DPO is LoRA with chosen and rejected answers in one batch (twice the rows) plus a no-grad reference pass
+    plan_method, rows_per_example = ("lora", 2) if method == "dpo" else (method, 1)
     lines = []
     try:
         from loralab.engine.estimate import recommend as plan
 
         gpu = has_gpu(svc)
-        rec = plan(spec["base_model"], method=method, r=r, target_modules=targets,
+        rec = plan(spec["base_model"], method=plan_method, r=r, target_modules=targets,
                    max_seq_length=int(spec.get("max_seq_length") or 512),
-                   batch_size=int(spec.get("per_device_train_batch_size") or 1), device="cuda" if gpu else "cpu",
+                   batch_size=int(spec.get("per_device_train_batch_size") or 1) * rows_per_example,
+                   device="cuda" if gpu else "cpu",
                    dtype="bf16" if gpu else "fp32", packing=bool(spec.get("packing", True)))
         chosen = rec.with_checkpointing if rec.gradient_checkpointing else rec.without_checkpointing
         data = chosen.to_dict()
@@ -141,7 +156,7 @@ def estimate_text(svc, spec: dict[str, Any], lang: str) -> str:
 
 
 def collect(base_model: str, dataset_id: str | None, method: str, model_name: str,
-            values: dict[str, Any]) -> dict[str, Any]:
+            values: dict[str, Any], beta: float | None = None) -> dict[str, Any]:
     """The job request built from the form values (empty numbers fall back to the spec defaults)."""
     def value(name: str) -> Any:
         raw = values.get(name)
@@ -154,6 +169,8 @@ def collect(base_model: str, dataset_id: str | None, method: str, model_name: st
     request.update({name: value(name) for name in MAIN_FIELDS + MORE_FIELDS})
     if model_name and model_name.strip():
         request["model_name"] = model_name.strip()
+    if request["method"] == "dpo":
+        request["beta"] = DPO_DEFAULT_BETA if beta is None or beta == "" else beta
     return request
 
 
@@ -175,11 +192,14 @@ def build(ctx) -> dict[str, Any]:
                 dataset = labels.add(gr.Dropdown([], label=t("en", "tr.dataset"), elem_id="train-dataset"),
                                      label="tr.dataset")
             with gr.Row():
-                method_choices = [("tr.lora", "lora"), ("tr.full", "full")]
+                method_choices = [("tr.lora", "lora"), ("tr.full", "full"), ("dpo.method", "dpo")]
                 method = labels.add(gr.Radio([(t("en", k), v) for k, v in method_choices], value="lora",
-                                             label=t("en", "tr.method"), info=t("en", "tr.method_info"),
+                                             label=t("en", "tr.method"), info=t("en", "dpo.method_info"),
                                              elem_id="train-method"),
-                                    label="tr.method", info="tr.method_info", choices=method_choices)
+                                    label="tr.method", info="dpo.method_info", choices=method_choices)
+                beta = labels.add(gr.Number(DPO_DEFAULT_BETA, label=t("en", "dpo.beta"), info=t("en", "dpo.beta_info"),
+                                            minimum=0, visible=False, elem_id="train-beta"),
+                                  label="dpo.beta", info="dpo.beta_info")
                 reason = "tr.qlora_gpu" if gpu else "tr.qlora_no_gpu"
                 labels.add(gr.Checkbox(False, label=t("en", "tr.qlora"), info=t("en", reason), interactive=False,
                                        elem_id="train-qlora"), label="tr.qlora", info=reason)
@@ -210,7 +230,7 @@ def build(ctx) -> dict[str, Any]:
             start = labels.add(gr.Button(t("en", "tr.start"), variant="primary", size="lg", elem_id="train-start"),
                                value="tr.start")
             status = gr.Markdown(elem_id="train-status")
-    return {"base": base, "dataset": dataset, "method": method, "model_name": model_name, "fields": fields,
+    return {"base": base, "dataset": dataset, "method": method, "beta": beta, "model_name": model_name, "fields": fields,
             "recommend": recommend_button, "advice": advice, "estimate": estimate,
             "estimate_button": estimate_button, "start": start, "status": status}
 
@@ -225,7 +245,7 @@ def connect(ctx) -> None:
     private = {"api_visibility": "private"}
     names = list(ALL_FIELDS)
     field_components = [p["fields"][name] for name in names]
-    form = [p["base"], p["dataset"], p["method"], p["model_name"], *field_components]
+    form = [p["base"], p["dataset"], p["method"], p["model_name"], *field_components, p["beta"]]
 
     def refresh(base: str | None, dataset_id: str | None):
         choices = dataset_choices(svc)
@@ -241,17 +261,17 @@ def connect(ctx) -> None:
         return [text, *[values.get(name, gr.update()) for name in names]]
 
     def estimate(base, dataset_id, method, model_name, *rest):
-        *values, language = rest
-        request = collect(base, dataset_id, method, model_name, dict(zip(names, values)))
+        *values, beta, language = rest
+        request = collect(base, dataset_id, method, model_name, dict(zip(names, values)), beta)
         request.pop("dataset_id")
         request.pop("model_name", None)
         return estimate_text(svc, request, language)
 
     def start(base, dataset_id, method, model_name, *rest):
-        *values, language = rest
+        *values, beta, language = rest
         if not dataset_id:
             return t(language, "tr.pick_dataset"), gr.update(), gr.update()
-        request = collect(base, dataset_id, method, model_name, dict(zip(names, values)))
+        request = collect(base, dataset_id, method, model_name, dict(zip(names, values)), beta)
         try:
             job = jobs.create_job(svc, request)
         except LoralabError as exc:
@@ -268,6 +288,7 @@ def connect(ctx) -> None:
     ctx.on_language.append((refresh, [p["base"], p["dataset"]], outputs))
     p["recommend"].click(suggest, inputs=[p["base"], p["dataset"], lang], outputs=[p["advice"], *field_components],
                          **private)
+    p["method"].change(lambda m: gr.update(visible=m == "dpo"), inputs=[p["method"]], outputs=[p["beta"]], **private)
     for trigger in (p["estimate_button"].click, p["method"].change, p["base"].change):
         trigger(estimate, inputs=[*form, lang], outputs=[p["estimate"]], **private)
     ctx.on_language.append((estimate, [*form, lang], [p["estimate"]]))

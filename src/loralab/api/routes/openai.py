@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -26,6 +25,7 @@ CHAT_MAX_TOKENS = 512  # default when a chat request names no limit (capped by t
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 8
 MAX_STOPS = 16
+SESSION_HEADER = "x-session-id"  # sticky A/B arm when the request has no `user`
 
 
 def openai_error(status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -197,8 +197,10 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 
 def _events(stream: Stream, head: dict[str, Any], count: int, first: Callable[[int], dict] | None,
-            piece: Callable[[Piece], dict], end: Callable[[Completion], dict], include_usage: bool) -> Iterator[str]:
-    """SSE lines: an opening chunk per choice (chat), content chunks, a closing chunk per choice, usage, [DONE]."""
+            piece: Callable[[Piece], dict], end: Callable[[Completion], dict], include_usage: bool,
+            recorder: serving.Recorder) -> Iterator[str]:
+    """SSE lines: an opening chunk per choice (chat), content chunks, a closing chunk per choice, usage, [DONE].
+    Every chunk's `id` is the generation id; the answer is recorded before [DONE], so feedback can follow it."""
     completions: list[Completion] = []
     try:
         if first is not None:
@@ -206,10 +208,12 @@ def _events(stream: Stream, head: dict[str, Any], count: int, first: Callable[[i
                 yield _sse({**head, "choices": [first(index)]})
         for event in stream:
             if isinstance(event, Piece):
+                recorder.piece(event)
                 yield _sse({**head, "choices": [piece(event)]})
             else:
                 completions.append(event)
                 yield _sse({**head, "choices": [end(event)]})
+        recorder.finish(stream, completions)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(stream, completions)})
     except Exception as exc:  # after the 200 the error can only travel in the stream
@@ -218,6 +222,7 @@ def _events(stream: Stream, head: dict[str, Any], count: int, first: Callable[[i
                               "code": "server_error"}})
     finally:
         stream.close()
+        recorder.finish(stream, completions, interrupted=True)  # no-op when already recorded
     yield _sse("[DONE]")
 
 
@@ -241,49 +246,64 @@ def get_model(model_id: str, svc: Services = Depends(get_services)):
                         param="model", code="model_not_found")
 
 
+def _subject(body: _Request, request: Request) -> str | None:
+    """Who is asking, for sticky A/B arms: the OpenAI `user` field, else the X-Session-Id header."""
+    return body.user or request.headers.get(SESSION_HEADER) or None
+
+
+def _head(recorder: serving.Recorder, body: _Request, target: serving.Target) -> dict[str, Any]:
+    head = {"id": recorder.id, "created": int(time.time()), "model": body.model,
+            "system_fingerprint": target.label}
+    if target.ab_test_id:
+        head["ab_test"] = {"id": target.ab_test_id, "arm": target.arm, "model": target.label}
+    return head
+
+
 @router.post("/chat/completions")
-def chat_completions(body: ChatRequest, svc: Services = Depends(get_services)):
-    """Chat completion with any base model or fine-tuned adapter; `stream: true` for SSE chunks."""
+def chat_completions(body: ChatRequest, request: Request, svc: Services = Depends(get_services)):
+    """Chat completion with any base model, fine-tuned adapter or `ab:<test>`; `stream: true` for SSE chunks."""
     messages = _chat_messages(body)
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, CHAT_MAX_TOKENS)
-    base, adapter, label = serving.resolve_served_model(svc, body.model)
+    target = serving.route_model(svc, body.model, _subject(body, request))
     count = body.n or 1
-    stream = serving.open_stream(svc, base, adapter, [{"messages": messages}], sampling, count)
-    head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model,
-            "system_fingerprint": label}
+    stream, recorder = serving.open_recorded(svc, target, [{"messages": messages}], sampling, count)
+    head = _head(recorder, body, target)
     if not body.stream:
         completions = stream.result()
+        recorder.finish(stream, completions)
         return {**head, "object": "chat.completion", "usage": _usage(stream, completions), "choices": [
             {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
              "logprobs": None, "finish_reason": c.finish_reason} for c in completions]}
     head["object"] = "chat.completion.chunk"
+    recorder.start()  # the id is known to the client from the first chunk: feedback may arrive before the end
     return _streaming(_events(
         stream, head, count,
         lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
         lambda p: {"index": p.index, "delta": {"content": p.text}, "logprobs": None, "finish_reason": None},
         lambda c: {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason},
-        bool(body.stream_options and body.stream_options.include_usage)))
+        bool(body.stream_options and body.stream_options.include_usage), recorder))
 
 
 @router.post("/completions")
-def completions(body: CompletionRequest, svc: Services = Depends(get_services)):
+def completions(body: CompletionRequest, request: Request, svc: Services = Depends(get_services)):
     """Raw-text completion (no chat template) for one prompt or several; `stream: true` for SSE chunks."""
     inputs = _completion_inputs(body)
     sampling = _sampling(body, body.max_tokens, COMPLETION_MAX_TOKENS)
-    base, adapter, label = serving.resolve_served_model(svc, body.model)
+    target = serving.route_model(svc, body.model, _subject(body, request))
     count = body.n or 1
-    stream = serving.open_stream(svc, base, adapter, inputs, sampling, count)
-    head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
-            "model": body.model, "system_fingerprint": label}
+    stream, recorder = serving.open_recorded(svc, target, inputs, sampling, count)
+    head = {**_head(recorder, body, target), "object": "text_completion"}
     if not body.stream:
         done = stream.result()
+        recorder.finish(stream, done)
         return {**head, "usage": _usage(stream, done), "choices": [
             {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in done]}
+    recorder.start()
     return _streaming(_events(
         stream, head, count * len(inputs), None,
         lambda p: {"index": p.index, "text": p.text, "logprobs": None, "finish_reason": None},
         lambda c: {"index": c.index, "text": "", "logprobs": None, "finish_reason": c.finish_reason},
-        bool(body.stream_options and body.stream_options.include_usage)))
+        bool(body.stream_options and body.stream_options.include_usage), recorder))
 
 
 @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

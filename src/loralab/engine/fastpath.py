@@ -1,0 +1,195 @@
+"""Training kernels that do the same arithmetic with less memory traffic than the stock modules.
+
+Found by profiling a LoRA step on the CPU (docs/DESIGN.md, "Training engine details"):
+
+- `linear_cross_entropy`: the vocabulary projection and the loss, chunk by chunk. The stock path
+  materialises logits, log-softmax and their gradient ([targets x vocab] three times: ~430 MB for
+  730 targets of a 49k vocabulary) and runs memory-bound passes over them; here each chunk's
+  logits stay in cache and their gradient is turned into the hidden-state gradient at once.
+- `PackedAttention`: per-example causal attention over a packed row as one autograd node. The
+  plain version (slice q/k/v per example, SDPA, concatenate) makes autograd zero-fill a full-size
+  buffer for every slice's gradient and add them up; here each span's gradient is written
+  straight into its place.
+- `fuse_lora_forward`: `base(x) + B(A(x)) * scaling` as one `addmm` with `alpha=scaling`, so the
+  scaling multiply and the add over the [tokens x out_features] output vanish (forward and backward).
+"""
+from __future__ import annotations
+
+import types
+
+IGNORE = -100
+# Positions per chunk of the vocabulary projection: [chunk x vocab] floats of ~8 MB stay in cache.
+CE_CHUNK_BYTES = 8 << 20
+# Model types whose output layer is a plain projection of the last hidden state (no soft-capping or
+# logit scaling), so the loss may be computed from the hidden states and the head weight.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi3",
+                     "olmo", "olmo2", "smollm3", "starcoder2"}
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+# ----------------------------------------------------------------------------- chunked linear + cross-entropy
+
+def _make_linear_ce():
+    torch = _torch()
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        """Summed cross-entropy of `hidden @ weight.T` against `targets` (IGNORE skipped), chunked."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk):
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_enabled = need_h or need_w
+            acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 hidden states: fp32 softmax
+            total = torch.zeros((), dtype=acc, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+            for a in range(0, hidden.shape[0], chunk):
+                h, t = hidden[a:a + chunk], targets[a:a + chunk]
+                logits = (h @ weight.t()).to(acc)
+                valid = t != IGNORE
+                safe = t.clamp(min=0)
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, safe[:, None]).squeeze(1)
+                total += torch.where(valid, lse - picked, 0.0).sum()
+                if not grad_enabled:
+                    continue
+                # d(sum loss)/d logits = softmax - onehot(target), zero on ignored rows; computed in place.
+                probs = logits.sub_(lse[:, None]).exp_()
+                rows = torch.arange(probs.shape[0], device=probs.device)
+                probs[rows, safe] -= 1.0
+                probs.mul_(valid[:, None].to(probs.dtype))
+                probs = probs.to(hidden.dtype)
+                if need_h:
+                    torch.mm(probs, weight, out=grad_h[a:a + chunk])
+                if need_w:
+                    grad_w.addmm_(probs.t().to(acc), h.to(acc))
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.has, ctx.weight_dtype = (need_h, need_w), weight.dtype
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_h, grad_w = ctx.saved_tensors
+            need_h, need_w = ctx.has
+            gh = grad_h * grad_out.to(grad_h.dtype) if need_h else None
+            gw = (grad_w * grad_out).to(ctx.weight_dtype) if need_w else None
+            return gh, gw, None, None
+
+    return LinearCrossEntropy
+
+
+_LINEAR_CE = None
+
+
+def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None):
+    """Summed next-token loss of hidden states [K, d] under the head `weight` [V, d]; targets [K]."""
+    global _LINEAR_CE
+    if _LINEAR_CE is None:
+        _LINEAR_CE = _make_linear_ce()
+    if chunk is None:
+        chunk = max(16, CE_CHUNK_BYTES // (4 * int(weight.shape[0])))
+    return _LINEAR_CE.apply(hidden, weight, targets, int(chunk))
+
+
+def plain_head(model):
+    """(decoder, head) when `model` (a causal LM, possibly inside PEFT) has a plain linear head, else None."""
+    torch = _torch()
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    if config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    decoder = getattr(lm, "model", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    # A head that is itself a LoRA layer (lm_head in target_modules) keeps the stock path.
+    if decoder is None or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in
+           ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    return decoder, head
+
+
+# ----------------------------------------------------------------------------- packed attention
+
+def _make_packed_attention():
+    torch = _torch()
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    class PackedAttention(torch.autograd.Function):
+        """Causal attention inside each [a, b) span of a packed row; q, k, v are [1, heads, T, dim]."""
+
+        @staticmethod
+        def forward(ctx, query, key, value, spans, scale):
+            batch, heads, length, dim = query.shape
+            out = query.new_empty(batch, length, heads, dim).transpose(1, 2)  # [B, H, T, D] view of [B, T, H, D]
+            lses = []
+            for a, b in spans:
+                o, lse = flash(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], 0.0, True, scale=scale)
+                out[:, :, a:b].copy_(o)
+                lses.append(lse)
+            ctx.save_for_backward(query, key, value, out, *lses)
+            ctx.spans, ctx.scale = spans, scale
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            query, key, value, out, *lses = ctx.saved_tensors
+            gq, gk, gv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+            for (a, b), lse in zip(ctx.spans, lses):
+                dq, dk, dv = flash_backward(grad_out[:, :, a:b], query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                            out[:, :, a:b], lse, 0.0, True, scale=ctx.scale)
+                gq[:, :, a:b].copy_(dq)
+                gk[:, :, a:b].copy_(dk)
+                gv[:, :, a:b].copy_(dv)
+            return gq, gk, gv, None, None
+
+    return PackedAttention
+
+
+_PACKED = None
+
+
+def packed_attention(query, key, value, spans: list[tuple[int, int]], scale: float):
+    """Per-span causal attention as one autograd node; returns [1, T, heads, dim] (contiguous)."""
+    global _PACKED
+    if _PACKED is None:
+        _PACKED = _make_packed_attention()
+    return _PACKED.apply(query, key, value, spans, float(scale)).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """`base(x) + scaling * B(A(x))` as one addmm, when the layer is a plain single-adapter LoRA in training."""
+    torch = _torch()
+    active = self.active_adapters
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A
+            or active[0] in getattr(self, "lora_variant", {}) or not isinstance(self.base_layer, torch.nn.Linear)):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    if x.dtype != lora_a.weight.dtype or self.base_layer.weight.dtype != x.dtype:
+        return type(self).forward(self, x, *args, **kwargs)
+    flat = x.reshape(-1, x.shape[-1])
+    base = torch.nn.functional.linear(flat, self.base_layer.weight, self.base_layer.bias)
+    low = torch.nn.functional.linear(self.lora_dropout[name](flat), lora_a.weight)
+    out = torch.addmm(base, low, lora_b.weight.t(), alpha=self.scaling[name])
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def fuse_lora_forward(model) -> int:
+    """Give every PEFT LoRA Linear of `model` the fused forward (falls back per call); returns how many."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            count += 1
+    return count
