@@ -154,6 +154,8 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with TrainSpec settings."),
     set_: list[str] = typer.Option([], "--set", help="Override any setting: key=value (dotted for nested, "
                                    "e.g. lora.target_modules=q_proj,v_proj). Repeatable."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the settings and the data, print the expected "
+                                 "peak memory and speed, and stop without training."),
 ):
     """Fine-tune a base model on a dataset (LoRA by default) and write the adapter to --output."""
     flags = {
@@ -170,16 +172,55 @@ def train(
                  f"({', '.join(map(str, given)) or '--output'})")
         spec = _load_run_spec(resume)
         output = resume
-    elif output is None:
+    elif output is None and not dry_run:
         fail("--output is required: the run directory for the adapter, metrics and summary")
     else:
         spec = build_train_spec(config, flags, set_)
+    print_estimate(spec)
+    if dry_run:
+        return
     summary = run_training(spec, output)
     console.print(
         f"[green]done[/] in {summary['train_seconds']:.1f} s of training: {summary['real_tokens']:,} tokens, "
         f"{summary['tokens_per_s']:.1f} tokens/s, final loss {summary['final_loss']:.4f}, "
         f"peak memory {summary['peak_rss_mb']:.0f} MB\nadapter: {output.resolve()}"
     )
+
+
+def print_estimate(spec: TrainSpec) -> None:
+    """The expected peak memory and speed (engine.estimate) from the spec and the data's token lengths."""
+    from loralab.data.formats import load_records
+    from loralab.data.template import encode_dataset, ensure_chat_template, token_stats
+    from loralab.engine.estimate import estimate_for_spec
+    from loralab.engine.models import ModelNotFoundError, load_tokenizer
+    from loralab.engine.run import quiet_libraries
+
+    quiet_libraries()
+    try:
+        loaded = load_records(spec.data.path, max_rows=spec.data.max_rows)
+    except OSError as exc:
+        fail(f"cannot read the data file {spec.data.path}: {exc}")
+    if loaded.problems:
+        first = loaded.problems[0]
+        fail(f"{spec.data.path}: line {first.line}, field {first.field}: {first.message} "
+             f"({len(loaded.problems)} problem(s); run `loralab data validate {spec.data.path}` for all)")
+    try:
+        tokenizer = ensure_chat_template(load_tokenizer(spec.base_model))
+    except ModelNotFoundError as exc:
+        fail(str(exc))
+    tokens = None
+    if loaded.format != "preference":
+        tokens = token_stats(encode_dataset(loaded.records, tokenizer, spec.max_seq_length), spec.max_seq_length)
+    try:
+        plan = estimate_for_spec(spec, tokens=tokens)
+    except ValueError as exc:
+        fail(str(exc))
+    speed = f", about {plan['tokens_per_s']:.0f} tokens/s" if plan.get("tokens_per_s") else ""
+    ckpt = ", with activation checkpointing" if plan["gradient_checkpointing"] else ""
+    err.print(f"estimate: peak memory about {plan['peak_memory_bytes'] / 2**30:.2f} GiB{speed}{ckpt} "
+              f"({len(loaded.records)} rows, {spec.method}, r={spec.lora.r})")
+    if plan.get("fits") is False:
+        err.print(f"[yellow]warning[/]: {plan['reason']}")
 
 
 def _load_run_spec(run_dir: Path) -> TrainSpec:

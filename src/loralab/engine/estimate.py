@@ -316,3 +316,42 @@ def recommend(model: Any, available_bytes: int | None = None, headroom: float = 
 
 def _without(kwargs: dict[str, Any], *names: str) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k not in names}
+
+
+def estimate_for_spec(spec: Any, tokens: dict[str, Any] | None = None, available_bytes: int | None = None,
+                      measure: bool = True) -> dict[str, Any]:
+    """The plan of one TrainSpec before it starts: recommendation, the estimate it picks, and the inputs used.
+
+    `tokens` are the dataset's token statistics (`data.template.token_stats`): the longest example
+    sizes the memory estimate and the supervised share the vocabulary projection; without them the
+    worst case (every example max_seq_length long, all tokens supervised) is assumed.
+    """
+    from loralab.engine.hardware import choose_placement
+
+    placement = choose_placement(spec.device, spec.precision)  # ValueError: a device or precision it cannot use
+    gpu = placement.device == "cuda"
+    dtype = placement.dtype
+    seq_length, supervised = None, 1.0
+    if tokens and tokens.get("rows"):
+        seq_length = int(tokens.get("max") or 0) or None
+        if tokens.get("supervised_tokens") is not None and tokens.get("total_tokens"):
+            supervised = tokens["supervised_tokens"] / tokens["total_tokens"]
+    # DPO is LoRA over chosen and rejected answers together (twice the rows) plus a no-grad reference pass.
+    method, rows = ("lora", 2) if spec.method == "dpo" else ("lora" if spec.method == "qlora" else spec.method, 1)
+    kwargs = dict(method=method, r=spec.lora.r, target_modules=spec.lora.target_modules,
+                  max_seq_length=spec.max_seq_length, batch_size=spec.per_device_train_batch_size * rows,
+                  device="cuda" if gpu else "cpu", dtype=dtype, packing=spec.packing and spec.method != "dpo",
+                  seq_length=seq_length, supervised_fraction=supervised,
+                  micro_batch_tokens=spec.micro_batch_tokens or None)
+    if spec.gradient_checkpointing == "auto":
+        rec = recommend(spec.base_model, available_bytes=available_bytes, measure=measure, **kwargs)
+        chosen = rec.with_checkpointing if rec.gradient_checkpointing else rec.without_checkpointing
+        plan = {"gradient_checkpointing": rec.gradient_checkpointing, "fits": rec.fits, "reason": rec.reason,
+                "available_bytes": rec.available_bytes}
+    else:
+        on = spec.gradient_checkpointing == "on"
+        chosen = estimate(spec.base_model, gradient_checkpointing=on, measure=measure, **kwargs)
+        plan = {"gradient_checkpointing": on, "fits": None, "reason": "gradient_checkpointing set explicitly",
+                "available_bytes": available_bytes}
+    return {**plan, "peak_memory_bytes": chosen.peak_memory_bytes, "tokens_per_s": chosen.tokens_per_s,
+            "breakdown": chosen.breakdown, "assumptions": chosen.assumptions}
