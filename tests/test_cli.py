@@ -182,3 +182,19 @@ def test_resume_continues_a_stopped_run(tmp_path, tiny_model_dir):
     started = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines() if '"started"' in l]
     assert started[-1]["resumed_from_step"] == 2
     assert json.loads((run / "summary.json").read_text())["total_steps"] == 4
+
+
+def test_train_dry_run_prints_the_estimate_and_trains_nothing(tmp_path, tiny_model_dir):
+    data = SHARED / "alpaca_en_demo.json"
+    out = tmp_path / "run"
+    small = invoke("train", "--data", data, "--base-model", tiny_model_dir, "--output", out, "--dry-run", "--r", 4)
+    assert small.exit_code == 0, small.output
+    assert "estimate: peak memory about" in small.output and "tokens/s" in small.output
+    assert not out.exists()
+    bigger = invoke("train", "--data", data, "--base-model", tiny_model_dir, "--dry-run", "--batch-size", 64,
+                    "--set", "micro_batch_tokens=100000")
+
+    def gib(text):
+        return float(text.split("peak memory about ")[1].split(" GiB")[0])
+
+    assert gib(bigger.output) > gib(small.output)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from service_fixtures import wait_for
@@ -150,3 +151,26 @@ def test_registry_over_http(client, dataset_id, set_scenario, run_worker, settin
     assert client.delete(f"/api/models/{ids[1]}").status_code == 200
     assert not path.exists() and client.get(f"/api/models/{ids[1]}").status_code == 404
     assert client.delete("/api/models/smollm2-135m-instruct").status_code == 409
+
+
+def test_estimate_a_job_before_queueing_it(client, settings, tiny_model_dir, dataset_id):
+    """POST /api/training/jobs/estimate: the same body as a job, nothing queued, figures that follow the settings."""
+    shutil.copytree(tiny_model_dir, settings.home / "models" / "tiny")
+    body = {"dataset_id": dataset_id, "base_model": "tiny", "per_device_train_batch_size": 2}
+    small = client.post("/api/training/jobs/estimate", json={**body, "lora": {"r": 4}})
+    assert small.status_code == 200, small.text
+    small = small.json()
+    assert small["object"] == "fine_tuning.estimate" and small["gradient_checkpointing"] is False
+    assert small["fits"] is True and small["tokens_per_s"] > 0
+    parts = small["breakdown"]
+    assert small["peak_memory_bytes"] == sum(parts.values()) and parts["weights"] > 0
+    # sized from the dataset's real token lengths, not the 512-token worst case
+    assert 0 < small["assumptions"]["seq_length"] < 512
+    big = client.post("/api/training/jobs/estimate", json={**body, "lora": {"r": 64}}).json()
+    full = client.post("/api/training/jobs/estimate", json={**body, "method": "full"}).json()
+    assert big["breakdown"]["trainable_state"] > 8 * parts["trainable_state"] > 0
+    assert full["breakdown"]["trainable_state"] > parts["trainable_state"]
+    assert full["peak_memory_bytes"] > small["peak_memory_bytes"]
+    assert client.get("/api/training/jobs").json() == []  # nothing was queued
+    bad = client.post("/api/training/jobs/estimate", json={**body, "dataset_id": "ds-" + "0" * 24})
+    assert bad.status_code == 422 and bad.json()["param"] == "dataset_id"

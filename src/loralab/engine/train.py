@@ -45,7 +45,7 @@ def prepare_examples(spec: TrainSpec, tokenizer, events: EventWriter | None = No
     if result.format == "preference":
         raise EngineError(
             "data_invalid", f"{path.name} holds preference pairs (prompt/chosen/rejected); "
-            "supervised fine-tuning needs instruction, chat or text rows", "data.format",
+            "train it with method 'dpo' (supervised fine-tuning needs instruction, chat or text rows)", "method",
         )
     records = list(result.records)
     order = list(range(len(records)))

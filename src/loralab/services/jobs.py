@@ -79,6 +79,39 @@ def _check_runtime(spec: TrainSpec) -> None:
 
 def create_job(svc: Services, request: CreateJobRequest | dict[str, Any]) -> dict[str, Any]:
     """Validate a job request and queue it; the API only inserts the row, a worker runs it."""
+    spec, dataset, model_name = _job_spec(svc, request)
+    job = svc.repo.create_job(spec.model_dump(mode="json"), dataset.id, model_name)
+    if not Path(spec.data.path).is_file():
+        job = svc.repo.set_status(job.id, "failed", error={
+            "code": "file_missing", "param": "dataset_id",
+            "message": f"the stored file of dataset {dataset.id} is gone; upload the dataset again"})
+    else:
+        job = svc.repo.set_status(job.id, "queued")
+    svc.hub.publish(job.id)
+    return job_dict(job)
+
+
+def estimate_job(svc: Services, request: CreateJobRequest | dict[str, Any]) -> dict[str, Any]:
+    """What a job request would need before it is queued: peak memory, tokens/s, activation checkpointing."""
+    from loralab.engine.estimate import estimate_for_spec
+    from loralab.services.datasets import dataset_stats
+
+    if not isinstance(request, CreateJobRequest):
+        request = CreateJobRequest.model_validate(request)
+    spec, dataset, _ = _job_spec(svc, request)
+    tokens = None
+    if dataset.format != "preference":  # token lengths with the base model's tokenizer, cached in the dataset row
+        tokens = dataset_stats(svc, dataset.id, request.base_model, spec.max_seq_length)["tokens"]
+    try:
+        plan = estimate_for_spec(spec, tokens=tokens)
+    except (ValueError, OSError) as exc:
+        raise Invalid(f"cannot estimate this job: {exc}", code="estimate_failed", param="base_model") from None
+    return {"object": "fine_tuning.estimate", "dataset_id": dataset.id, "base_model": spec.base_model,
+            "method": spec.method, **plan}
+
+
+def _job_spec(svc: Services, request: CreateJobRequest | dict[str, Any]):
+    """The validated TrainSpec of a job request, its dataset row and the registry name it will get."""
     if not isinstance(request, CreateJobRequest):
         request = CreateJobRequest.model_validate(request)
     try:
@@ -102,15 +135,7 @@ def create_job(svc: Services, request: CreateJobRequest | dict[str, Any]) -> dic
                      data=DataSpec(path=str(dataset_file(svc, dataset)), format=dataset.stats.get(
                          "canonical_format", "auto"), **request.data.model_dump()), **fields)
     _check_runtime(spec)
-    job = svc.repo.create_job(spec.model_dump(mode="json"), dataset.id, model_name)
-    if not Path(spec.data.path).is_file():
-        job = svc.repo.set_status(job.id, "failed", error={
-            "code": "file_missing", "param": "dataset_id",
-            "message": f"the stored file of dataset {dataset.id} is gone; upload the dataset again"})
-    else:
-        job = svc.repo.set_status(job.id, "queued")
-    svc.hub.publish(job.id)
-    return job_dict(job)
+    return spec, dataset, model_name
 
 
 def _default_model_name(base_model: str, dataset_name: str) -> str:

@@ -20,6 +20,12 @@ def create(body: CreateJobRequest, svc: Services = Depends(get_services)) -> dic
     return jobs.create_job(svc, body)
 
 
+@router.post("/estimate")
+def estimate(body: CreateJobRequest, svc: Services = Depends(get_services)) -> dict:
+    """Expected peak memory and tokens/s of a job request (the same body as POST), without queueing it."""
+    return jobs.estimate_job(svc, body)
+
+
 @router.get("")
 def list_jobs(status: str | None = None, limit: int = Query(50, ge=1, le=500), after: str | None = None,
               svc: Services = Depends(get_services)) -> list[dict]:
