@@ -21,7 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 from loralab.engine.estimate import MATMUL_SHAPE, measure_matmul_flops  # noqa: E402
-CONTENDERS = ("loralab", "trl-padded", "trl-packed")
+# The TRL baselines as the issue measured them (SFTTrainer defaults except fp32: activation checkpointing on),
+# and the stricter variants with checkpointing off (faster, far more memory).
+CONTENDERS = ("loralab", "trl-padded", "trl-packed", "trl-padded-nockpt", "trl-packed-nockpt")
+BASELINES = {"trl-padded": "padded_ratio", "trl-packed": "packed_ratio",
+             "trl-padded-nockpt": "padded_ratio", "trl-packed-nockpt": "packed_ratio"}
 # Not run by default: the engine with glibc's mmap threshold fixed (freed activations go back to the OS).
 EXTRA = {
     "loralab-mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"},
@@ -126,7 +130,7 @@ def _trl_rows(cfg: dict) -> list[dict]:
     return rows
 
 
-def _run_trl(cfg: dict, out_dir: Path, packed: bool) -> dict:
+def _run_trl(cfg: dict, out_dir: Path, packed: bool, checkpointing: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -152,8 +156,8 @@ def _run_trl(cfg: dict, out_dir: Path, packed: bool) -> dict:
         max_steps=-1 if packed else steps, num_train_epochs=epochs if packed else 1.0,
         seed=cfg["seed"], data_seed=cfg["seed"], logging_steps=1, save_strategy="no", report_to="none",
         disable_tqdm=True, bf16=False, fp16=False, use_cpu=True, dataloader_pin_memory=False,
-        # TRL turns gradient checkpointing on by default; loralab runs without it, so the baseline does too.
-        gradient_checkpointing=False,
+        # TRL's default is gradient checkpointing on (the issue's 41 tokens/s); the -nockpt contenders turn it off.
+        gradient_checkpointing=checkpointing,
     )
     peft_config = LoraConfig(r=cfg["r"], lora_alpha=2 * cfg["r"], lora_dropout=0.0, target_modules="all-linear",
                              task_type="CAUSAL_LM", bias="none")
@@ -206,7 +210,8 @@ def worker(name: str, cfg: dict, result_path: Path) -> None:
         if name.startswith("loralab"):
             result = _run_loralab(cfg, Path(tmp))
         else:
-            result = _run_trl(cfg, Path(tmp), packed=name == "trl-packed")
+            result = _run_trl(cfg, Path(tmp), packed=name.startswith("trl-packed"),
+                              checkpointing=not name.endswith("-nockpt"))
     result["threads"] = threads
     result_path.write_text(json.dumps(result))
 
@@ -262,7 +267,7 @@ def summarise(results: dict, flops: float, n_params: int) -> dict:
     out: dict = {"common_tokens": common, "ratios": {}, "targets": {}}
     for name in [n for n in ok if n.startswith("loralab")]:
         lab, tag = ok[name], "" if name == "loralab" else f"{name}: "
-        for base, key in (("trl-padded", "padded_ratio"), ("trl-packed", "packed_ratio")):
+        for base, key in BASELINES.items():
             if base not in ok:
                 continue
             ratio = lab["tokens_per_s"] / ok[base]["tokens_per_s"]
@@ -283,15 +288,15 @@ def print_report(cfg: dict, results: dict, derived: dict, flops: dict, n_params:
     print(f"machine matmul: {flops['best'] / 1e9:.1f} GFLOP/s fp32 ({'x'.join(map(str, flops['shape']))}, "
           f"before {flops['before'] / 1e9:.1f}, after {flops['after'] / 1e9:.1f}; best used)")
     print("utilisation = tokens/s x 4 x N_params / matmul FLOP/s   (N_params incl. embeddings, tied once)\n")
-    head = (f"{'contender':<12} {'steps':>5} {'tokens':>7} {'train s':>8} {'tokens/s':>9} {'peak RSS MB':>11} "
+    head = (f"{'contender':<18} {'steps':>5} {'tokens':>7} {'train s':>8} {'tokens/s':>9} {'peak RSS MB':>11} "
             f"{'util':>6} {'last loss':>9} {'loss@' + str(derived['common_tokens']) + 'tok':>13} {'eval loss':>9}")
     print(head)
     print("-" * len(head))
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:<12} FAILED: {r['error']}\n{r['stderr_tail']}")
+            print(f"{name:<18} FAILED: {r['error']}\n{r['stderr_tail']}")
             continue
-        print(f"{name:<12} {r['steps']:>5} {r['real_tokens']:>7} {r['train_seconds']:>8.1f} {r['tokens_per_s']:>9.1f} "
+        print(f"{name:<18} {r['steps']:>5} {r['real_tokens']:>7} {r['train_seconds']:>8.1f} {r['tokens_per_s']:>9.1f} "
               f"{r['peak_rss_mb']:>11.0f} {r['utilisation']:>6.1%} {r['final_loss']:>9.4f} "
               f"{r['loss_at_common_tokens']:>13.4f} {r['eval_loss']:>9.4f}")
     print("\n'eval loss' = each trained model's mean assistant-token loss on the same rows, computed the same way.")

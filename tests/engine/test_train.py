@@ -188,3 +188,31 @@ def test_micro_batches_give_the_same_gradient(tiny_model_dir):
         total.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("available_mb,expect_on", [(1, True), (64 * 1024, False)])
+def test_auto_checkpointing_follows_the_memory_estimate(tmp_path, tiny_model_dir, monkeypatch, available_mb,
+                                                        expect_on):
+    """gradient_checkpointing='auto' turns it on only when the estimate does not fit the memory available."""
+    import loralab.engine.hardware as hardware
+
+    monkeypatch.setattr(hardware, "available_memory_bytes", lambda device="cpu": available_mb * 2**20)
+    seen = {}
+    from transformers import Trainer
+
+    original = Trainer.train
+
+    def spy(self, *args, **kwargs):
+        seen["on"] = self.args.activation_checkpointing
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", spy)
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    spec = tiny_spec(tiny_model_dir, data, max_steps=2, gradient_checkpointing="auto")
+    (run_dir / "spec.json").write_text(spec.model_dump_json())
+    assert execute(run_dir, install_signals=False) == EXIT_OK
+    assert seen["on"] is expect_on
+    logs = [e["message"] for e in read_events(run_dir) if e["type"] == "log"]
+    assert any("activation checkpointing on" in m for m in logs) is expect_on

@@ -118,6 +118,23 @@ def _fused(model):
     return model
 
 
+def _needs_checkpointing(spec: TrainSpec, train_set, events: EventWriter) -> bool:
+    """'on'/'off' as asked; 'auto' turns activation checkpointing on only when the estimate does not fit memory."""
+    if spec.gradient_checkpointing != "auto":
+        return spec.gradient_checkpointing == "on"
+    from loralab.data.template import token_stats
+    from loralab.engine.estimate import estimate_for_spec
+
+    try:
+        plan = estimate_for_spec(spec, tokens=token_stats(list(train_set), spec.max_seq_length), measure=False)
+    except Exception as exc:  # an unknown architecture: train as asked (off) rather than fail
+        events.emit("log", level="warning", message=f"no memory estimate ({exc}); activation checkpointing off")
+        return False
+    if plan["gradient_checkpointing"]:
+        events.emit("log", level="info", message=f"activation checkpointing on: {plan['reason']}")
+    return bool(plan["gradient_checkpointing"])
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """Newest complete checkpoint (trainer_state.json is written last) under RUN_DIR/checkpoints."""
     root = Path(run_dir) / "checkpoints"
@@ -259,7 +276,7 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
     set_seed(spec.seed)  # LoRA's initial A matrices come from the global RNG: same seed, same start
     model = _build_model(spec, dtype, placement.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    gradient_checkpointing = spec.gradient_checkpointing == "on"
+    gradient_checkpointing = _needs_checkpointing(spec, train_set, events)  # the same decision on every rank
 
     steps_per_epoch = math.ceil(len(train_set) / (spec.per_device_train_batch_size * spec.gradient_accumulation_steps
                                                   * dist_util.world_size()))
