@@ -1,12 +1,14 @@
 """The fast training kernels compute the same loss and gradients as the stock modules (checked in float64)."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from loralab.engine.batching import PackedCollator, PaddedCollator, causal_lm_loss_sum
-from loralab.engine.fastpath import fuse_lora_forward, linear_cross_entropy, plain_head
+from loralab.engine.fastpath import fuse_lora_forward, lean_activations, linear_cross_entropy, plain_head
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
@@ -31,7 +33,7 @@ def test_linear_cross_entropy_matches_cross_entropy(chunk):
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk=chunk), ref.detach())
 
 
-def _lora_model(tiny_model_dir, attn: str, fused: bool):
+def _lora_model(tiny_model_dir, attn: str, fused: bool, full: bool = False):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -44,36 +46,52 @@ def _lora_model(tiny_model_dir, attn: str, fused: bool):
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.normal_(0, 0.5)
+        for name, param in model.named_parameters():
+            if "norm" in name:  # norms away from 1, so their gradients are tested too
+                param.uniform_(0.5, 1.5)
     torch.manual_seed(1)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
-                                             init_lora_weights=False))
+    layers = model.config.num_hidden_layers
+    if not full:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM", init_lora_weights=False))
     if fused:
-        assert fuse_lora_forward(model) == 7 * model.config.num_hidden_layers
+        assert fuse_lora_forward(model) == (0 if full else 7 * layers)
+        assert lean_activations(model) == {"norms": 2 * layers + 1, "mlps": layers}
+    else:  # transformers' RMSNorm computes in float32 even for float64 input: the reference keeps float64
+        for module in model.modules():
+            if type(module).__name__ == "LlamaRMSNorm":
+                module.forward = types.MethodType(_float64_rms_norm, module)
     model.train()
     return model
+
+
+def _float64_rms_norm(self, x):
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_fast_path_equals_stock_path(tiny_model_dir):
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_fast_path_equals_stock_path(tiny_model_dir, full):
     torch.manual_seed(2)
     feats = []
     for n in (7, 12, 5):
         ids = torch.randint(3, 300, (n,)).tolist()
         feats.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
-    fast = _lora_model(tiny_model_dir, "loralab_packed_sdpa", fused=True)
+    fast = _lora_model(tiny_model_dir, "loralab_packed_sdpa", fused=True, full=full)
     assert plain_head(fast) is not None
     fast_sum, fast_n = causal_lm_loss_sum(fast, PackedCollator()(feats), fused=True)
     (fast_sum / fast_n).backward()
-    stock = _lora_model(tiny_model_dir, "sdpa", fused=False)
+    stock = _lora_model(tiny_model_dir, "sdpa", fused=False, full=full)
     stock_sum, stock_n = causal_lm_loss_sum(stock, PaddedCollator(0)(feats), fused=False)
     (stock_sum / stock_n).backward()
     assert fast_n == stock_n
     torch.testing.assert_close(fast_sum, stock_sum, rtol=1e-10, atol=1e-10)
     fast_grads, stock_grads = _grads(fast), _grads(stock)
-    assert fast_grads.keys() == stock_grads.keys() and len(fast_grads) == 2 * 7 * 2
+    assert fast_grads.keys() == stock_grads.keys()
+    assert len(fast_grads) == (len(list(stock.parameters())) if full else 2 * 7 * 2)
     for name, grad in stock_grads.items():
         assert grad.abs().sum() > 0
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-9, atol=1e-10, msg=name)

@@ -64,7 +64,7 @@ def test_evaluate_page_base_vs_tuned_and_reports(open_page, ui_server, tuned, sc
     page.keyboard.press("Escape")
     expect(page.locator("#eval-models")).to_contain_text(model_id)
     box = page.locator("#eval-max-new-tokens input").first
-    box.fill("24")
+    box.fill("40")
     box.press("Tab")
     page.locator("#eval-start").click()
     expect(page.locator("#eval-started")).to_contain_text("job-", timeout=SHORT)

@@ -110,13 +110,17 @@ def test_level_one_in_japanese(open_page, screenshot_dir, ui_server):
     page.wait_for_timeout(300)
     page.screenshot(path=str(screenshot_dir / "learn-ja.png"), full_page=True)
 
-    # after a reload the same browser sees its progress (saved in the database under its browser id)
-    page.reload(wait_until="domcontentloaded")
+    # the same browser opened again (a new tab: same localStorage, so the same learner id) sees its progress
+    first, page = page, page.context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(watch.base_url + "/", wait_until="domcontentloaded")
     expect(page.locator("#app-title")).to_contain_text("LoRA ファインチューニング スタジオ", timeout=LONG)
     expect(page.locator("#dash-learn")).to_contain_text("✓ 修了", timeout=LONG)
     open_learn(page)
     expect(page.locator("#learn-progress")).to_contain_text("クイズ合格 5/5 ✓ 修了", timeout=LONG)
-    expect(page.locator("#learn-topic")).to_contain_text("✓ 🏅 1-01", timeout=LONG)
+    expect(page.locator("#learn-topic")).to_contain_text("✓ ★ 1-01", timeout=LONG)
     expect(page.locator("#learn-guided")).to_contain_text(job_id)
 
     # the same page in English
@@ -127,3 +131,5 @@ def test_level_one_in_japanese(open_page, screenshot_dir, ui_server):
     expect(page.locator("#learn-body")).to_contain_text(course.list_topics("en", 1)[0].title, timeout=LONG)
     page.wait_for_timeout(300)
     page.screenshot(path=str(screenshot_dir / "learn-en.png"), full_page=True)
+    assert not errors, errors
+    assert first.locator("#learn-progress").is_visible()

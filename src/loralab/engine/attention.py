@@ -32,13 +32,9 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
     if len(spans) == 1:
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=True, **kwargs)
-    if query.device.type == "cpu" and not (dropout and module.training):
-        from transformers.integrations.sdpa_attention import repeat_kv
-
+    if query.device.type == "cpu" and not (dropout and module.training) and query.shape[1] % key.shape[1] == 0:
         from loralab.engine.fastpath import packed_attention
 
-        groups = query.shape[1] // key.shape[1]
-        key, value = (repeat_kv(key, groups), repeat_kv(value, groups)) if groups > 1 else (key, value)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return packed_attention(query, key, value, spans, scale), None
     outputs = [

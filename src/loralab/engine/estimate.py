@@ -164,7 +164,7 @@ def layer_activation_values(dims: dict[str, int], adapted: set[str] | None, r: i
     # SDPA keeps q, k, v, its output (= o_proj input) and the log-sum-exp; with a mask transformers
     # repeats the grouped k/v heads to the query head count first.
     values += 2 * q + 2 * (q if masked_width else kv) + nh
-    values += 3 * i  # gate (SiLU input), SiLU output, up (the product's operands)
+    values += 2 * i  # gate and up (engine.fastpath's SwiGLU recomputes SiLU(gate) in backward)
     values += i if keeps("down_proj") else 0  # down_proj input
     values += 0 if full else r * len(names)  # LoRA A outputs (inputs of B)
     values += masked_width  # the float mask SDPA builds from the boolean one, kept by every layer

@@ -315,7 +315,7 @@ def _run_model(model, tokenizer, examples: list[Example], prompts: list[str], na
     for i, (example, prompt) in enumerate(zip(examples, prompts)):
         gen = generate(model, tokenizer, prompt=prompt, settings=settings)
         loss, ref_tokens = _reference_loss(model, tokenizer, prompt, example.reference_raw)
-        answer = gen.text.strip()
+        answer = gen.text.strip().rstrip("\ufffd")  # a character cut by max_new_tokens is not part of the answer
         rows.append({
             "id": example.id, "model": name, "language": example.language, "prompt": example.display_prompt,
             "reference": example.reference, "answer": answer, "loss": loss,

@@ -173,7 +173,7 @@ def topic_choices(progress: dict[str, Any], level: int) -> list[tuple[str, str]]
     for topic in progress["topics"]:
         if topic["level"] != level:
             continue
-        marks = ("✓ " if topic["read"] else "") + ("🏅 " if topic["quiz"] and topic["quiz"]["passed"] else "")
+        marks = ("✓ " if topic["read"] else "") + ("★ " if topic["quiz"] and topic["quiz"]["passed"] else "")
         out.append((f"{marks}{topic['code']} {topic['title']}", topic["id"]))
     return out
 
@@ -271,7 +271,10 @@ def _error(lang: str, exc: LoralabError) -> str:
 def build(ctx) -> dict[str, Any]:
     """Lay out the Learn page; content is filled on load, on language change and by the page's own events."""
     labels = ctx.labels
-    user = gr.BrowserState(None, storage_key="loralab-learn-user", secret=browser_secret(ctx.svc.settings.home))
+    # rendered in connect(), outside the tabs: a component in a tab never visited is not mounted, so it would
+    # not read its value from localStorage on page load
+    user = gr.BrowserState(None, storage_key="loralab-learn-user", secret=browser_secret(ctx.svc.settings.home),
+                           render=False)
     progress = gr.Markdown(elem_id="learn-progress")
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
@@ -314,7 +317,8 @@ def build(ctx) -> dict[str, Any]:
                                    value="learn.g.compare")
         g_status = gr.Markdown(elem_id="learn-g-status")
         compare = labels.add(gr.Dataframe(pd.DataFrame([], columns=[t("en", k) for k in COMPARE_COLUMNS]),
-                                          interactive=False, wrap=True, visible=False, elem_id="learn-compare"),
+                                          interactive=False, wrap=True, visible=False, elem_id="learn-compare",
+                                          column_widths=["20%", "40%", "40%"]),
                              label="learn.g.compare")
         timer = gr.Timer(GUIDED_POLL_SECONDS, active=False)
 
@@ -365,6 +369,7 @@ def connect(ctx) -> None:
     svc = ctx.svc
     private = {"api_visibility": "private"}
     lang_in = ctx.lang
+    p["user"].render()
     radios, feedback = p["radios"], p["feedback"]
 
     def topic_of(topic_id: str | None, lang: str) -> course.Topic | None:

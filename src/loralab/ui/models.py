@@ -126,6 +126,8 @@ def connect(ctx) -> None:
                      outputs=outputs, **private).then(select, inputs=[p["pick"], lang], outputs=selected, **private)
     p["pick"].change(select, inputs=[p["pick"], lang], outputs=selected, **private)
     refresh_outputs = [p["table"], p["pick"], p["status"]]
-    ctx.tab_items["models"].select(refresh, inputs=[p["pick"], lang], outputs=refresh_outputs, **private)
+    # the picked version may be unchanged (no .change event): its details and latest evaluation are redrawn anyway
+    ctx.tab_items["models"].select(refresh, inputs=[p["pick"], lang], outputs=refresh_outputs, **private).then(
+        select, inputs=[p["pick"], lang], outputs=selected, **private)
     ctx.on_language.append((refresh, [p["pick"], lang], refresh_outputs))
     ctx.on_language.append((select, [p["pick"], lang], selected))
