@@ -27,7 +27,9 @@ CONTENDERS = ("loralab", "trl-padded", "trl-packed", "trl-padded-nockpt", "trl-p
 BASELINES = {"trl-padded": "padded_ratio", "trl-packed": "packed_ratio",
              "trl-padded-nockpt": "padded_ratio", "trl-packed-nockpt": "packed_ratio"}
 # Not run by default: the engine with glibc's mmap threshold fixed (freed activations go back to the OS).
+# loralab-ckpt: the engine with activation checkpointing on (the memory floor, at a speed cost).
 EXTRA = {
+    "loralab-ckpt": {},
     "loralab-mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"},
     "loralab-trim": {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"},
     "loralab-jemalloc": {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0"},
@@ -89,7 +91,7 @@ def _run_loralab(cfg: dict, out_dir: Path) -> dict:
         lora=LoraSpec(r=cfg["r"], lora_alpha=2 * cfg["r"], lora_dropout=0.0, target_modules="all-linear"),
         learning_rate=cfg["lr"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch_size"],
         max_seq_length=cfg["max_seq_len"], seed=cfg["seed"], packing=True, precision="fp32", device="cpu",
-        gradient_checkpointing="off", logging_steps=1, save_steps=0,
+        gradient_checkpointing="on" if cfg.get("checkpointing") else "off", logging_steps=1, save_steps=0,
         micro_batch_tokens=cfg.get("micro_batch_tokens", 0),
     )
     if cfg.get("profile_steps"):
@@ -208,7 +210,7 @@ def worker(name: str, cfg: dict, result_path: Path) -> None:
     threads = _set_threads()
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         if name.startswith("loralab"):
-            result = _run_loralab(cfg, Path(tmp))
+            result = _run_loralab({**cfg, "checkpointing": name == "loralab-ckpt"}, Path(tmp))
         else:
             result = _run_trl(cfg, Path(tmp), packed=name.startswith("trl-packed"),
                               checkpointing=not name.endswith("-nockpt"))

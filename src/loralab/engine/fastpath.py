@@ -4,8 +4,8 @@ Found by profiling a LoRA step on the CPU (docs/DESIGN.md, "Training engine deta
 
 - `linear_cross_entropy`: the vocabulary projection and the loss, chunk by chunk. The stock path
   materialises logits, log-softmax and their gradient ([targets x vocab] three times: ~430 MB for
-  730 targets of a 49k vocabulary) and runs memory-bound passes over them; here each chunk's
-  logits stay in cache and their gradient is turned into the hidden-state gradient at once.
+  730 targets of a 49k vocabulary); here one chunk's logits become their gradient in place and
+  then the hidden-state gradient at once, so only one chunk is ever held.
 - `PackedAttention`: per-example causal attention over a packed row as one autograd node. The
   plain version (slice q/k/v per example, SDPA, concatenate) makes autograd zero-fill a full-size
   buffer for every slice's gradient and add them up; here each span's gradient is written
@@ -21,8 +21,10 @@ from __future__ import annotations
 import types
 
 IGNORE = -100
-# Positions per chunk of the vocabulary projection: [chunk x vocab] floats of ~8 MB stay in cache.
-CE_CHUNK_BYTES = 8 << 20
+# Positions per chunk of the vocabulary projection: [chunk x vocab] floats of at most 64 MB. Smaller
+# chunks (8 MB, ~40 rows of a 49k vocabulary) made the projection's matmuls too thin and ran slower
+# than the stock loss; at 64 MB a typical piece's targets fit in one or two chunks.
+CE_CHUNK_BYTES = 64 << 20
 # Model types whose output layer is a plain projection of the last hidden state (no soft-capping or
 # logit scaling), so the loss may be computed from the hidden states and the head weight.
 PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi3",
@@ -65,7 +67,8 @@ def _make_linear_ce():
                 probs = logits.sub_(lse[:, None]).exp_()
                 rows = torch.arange(probs.shape[0], device=probs.device)
                 probs[rows, safe] -= 1.0
-                probs.mul_(valid[:, None].to(probs.dtype))
+                if not bool(valid.all()):
+                    probs.mul_(valid[:, None].to(probs.dtype))
                 probs = probs.to(hidden.dtype)
                 if need_h:
                     torch.mm(probs, weight, out=grad_h[a:a + chunk])
