@@ -24,16 +24,21 @@ SETTINGS = [  # (name, r, max_seq_length, batch_size); the first is nearly only 
 ]
 
 
-def _worker(cfg: dict, out: Path) -> None:
-    from loralab.engine.train import train
+def _spec(cfg: dict):
     from loralab.spec import DataSpec, LoraSpec, TrainSpec
 
-    spec = TrainSpec(
+    return TrainSpec(
         base_model=MODEL, data=DataSpec(path=cfg["data"], max_rows=cfg["rows"]),
         lora=LoraSpec(r=cfg["r"], lora_alpha=2 * cfg["r"]), max_steps=cfg["steps"],
         per_device_train_batch_size=cfg["batch_size"], max_seq_length=cfg["max_seq_len"], packing=True,
         precision="fp32", device="cpu", gradient_checkpointing="off", seed=42,
     )
+
+
+def _worker(cfg: dict, out: Path) -> None:
+    from loralab.engine.train import train
+
+    spec = _spec(cfg)
     with tempfile.TemporaryDirectory(prefix="estimate-cal-") as tmp:
         summary = train(spec, Path(tmp))
         steps = [json.loads(line) for line in (Path(tmp) / "events.jsonl").read_text().splitlines()]
@@ -42,17 +47,15 @@ def _worker(cfg: dict, out: Path) -> None:
     out.write_text(json.dumps(summary))
 
 
-def supervised_share(cfg: dict) -> float:
-    """Share of the rows' tokens that carry loss (assistant tokens), as the engine encodes them."""
+def token_lengths(cfg: dict) -> dict:
+    """The rows' token statistics as the engine encodes them (what the CLI and API give the estimator)."""
     from loralab.data.formats import load_records
-    from loralab.data.template import encode_record
+    from loralab.data.template import encode_dataset, ensure_chat_template, token_stats
     from loralab.engine.models import load_tokenizer
 
-    tokenizer = load_tokenizer(MODEL)
+    tokenizer = ensure_chat_template(load_tokenizer(MODEL))
     records = load_records(cfg["data"], max_rows=cfg["rows"]).records
-    encoded = [encode_record(r, tokenizer, cfg["max_seq_len"]) for r in records]
-    supervised = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in encoded)
-    return supervised / sum(len(e["input_ids"]) for e in encoded)
+    return token_stats(encode_dataset(records, tokenizer, cfg["max_seq_len"]), cfg["max_seq_len"])
 
 
 def _measure(cfg: dict) -> dict:
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         _worker(json.loads(args.worker), Path(args.worker_result))
         return 0
 
-    from loralab.engine.estimate import estimate, measure_matmul_flops
+    from loralab.engine.estimate import estimate_for_spec, measure_matmul_flops
     from loralab.engine.hardware import physical_cores
 
     import torch
@@ -94,16 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"data": str(Path(args.data).resolve()), "rows": args.rows, "steps": args.steps, "r": r,
                "max_seq_len": seq, "batch_size": batch}
         got = _measure(cfg)
-        # The estimate gets the run's largest batch (real tokens of its biggest step) and supervised share.
-        est = estimate(MODEL, r=r, max_seq_length=seq, batch_size=batch,
-                       seq_length=-(-got["max_step_tokens"] // batch), supervised_fraction=supervised_share(cfg),
-                       matmul_flops=flops)
-        est_mb = est.peak_memory_bytes / 2**20
+        # The same call `loralab train --dry-run` and POST /api/training/jobs/estimate make: spec + token lengths.
+        est = estimate_for_spec(_spec(cfg), tokens=token_lengths(cfg))
+        est_mb = est["peak_memory_bytes"] / 2**20
         mem_err = (est_mb - got["peak_rss_mb"]) / got["peak_rss_mb"]
-        tps_err = (est.tokens_per_s - got["tokens_per_s"]) / got["tokens_per_s"]
+        tps_err = (est["tokens_per_s"] - got["tokens_per_s"]) / got["tokens_per_s"]
         print(f"{name:<15} {est_mb:>8.0f} {got['peak_rss_mb']:>8.0f} {mem_err:>7.1%} "
-              f"{est.tokens_per_s:>10.1f} {got['tokens_per_s']:>10.1f} {tps_err:>7.1%}", flush=True)
-        rows.append({"setting": name, "estimate": est.to_dict(), "measured": got,
+              f"{est['tokens_per_s']:>10.1f} {got['tokens_per_s']:>10.1f} {tps_err:>7.1%}", flush=True)
+        rows.append({"setting": name, "estimate": est, "measured": got,
                      "memory_error": mem_err, "tokens_per_s_error": tps_err})
     print(f"load average after {os.getloadavg()[0]:.2f} (tokens/s errors mean little on a busy machine)")
     if args.json_out:

@@ -77,28 +77,3 @@ def available_memory_bytes(device: str = "cpu") -> int:
         return int(free)
     return int(psutil.virtual_memory().available)
 
-
-_LIBC: object = None
-
-
-def release_free_memory() -> bool:
-    """Hand the heap's free pages back to the OS (glibc `malloc_trim`); False where there is no such call.
-
-    A CPU training step frees hundreds of MB of activations in pieces of all sizes; glibc keeps most
-    of them mapped (fragmented arenas), so the process's resident size stays near its worst step.
-    Trimming after each forward/backward piece keeps the resident size near what is actually live.
-    """
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = libc if hasattr(libc, "malloc_trim") else False
-        except OSError:
-            _LIBC = False
-    if not _LIBC:
-        return False
-    _LIBC.malloc_trim(0)
-    return True

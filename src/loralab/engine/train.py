@@ -14,7 +14,7 @@ from loralab.engine import tracking
 from loralab.engine.batching import (DEFAULT_MICRO_BATCH_TOKENS, PackedCollator, PaddedCollator, causal_lm_loss_sum,
                                      real_tokens, split_packed)
 from loralab.engine.events import EventWriter
-from loralab.engine.hardware import apply_threads, choose_placement, peak_rss_mb, release_free_memory
+from loralab.engine.hardware import apply_threads, choose_placement, peak_rss_mb
 from loralab.spec import TrainSpec
 
 
@@ -166,7 +166,6 @@ def _make_trainer_class():
             return (loss, {"loss": loss}) if return_outputs else loss
 
         micro_batch_tokens = 0
-        trim_memory = False
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             """Run a packed batch as runs of whole examples when it exceeds the token budget (same gradient)."""
@@ -182,8 +181,6 @@ def _make_trainer_class():
                 with ctx:
                     loss = super().training_step(model, piece, num_items_in_batch)
                 total = loss if total is None else total + loss
-                if self.trim_memory:
-                    release_free_memory()
             return total
 
         def _get_output_dir(self, trial):
@@ -314,7 +311,6 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
         callbacks=[_make_callback(events, stop, trainer_ref, clock)],
     )
     trainer_ref["trainer"] = trainer
-    trainer.trim_memory = placement.device == "cpu"  # freed activations go back to the OS after each piece
     if spec.packing:
         trainer.micro_batch_tokens = spec.micro_batch_tokens or (
             DEFAULT_MICRO_BATCH_TOKENS if placement.device == "cpu" else 0)
