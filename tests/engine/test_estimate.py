@@ -105,9 +105,22 @@ def test_hardware_speed_is_measured_once_and_cached(loralab_home, monkeypatch):
     from loralab.engine import estimate as mod
 
     calls = []
+    monkeypatch.setattr(mod.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     monkeypatch.setattr(mod, "measure_matmul_flops", lambda *a, **k: calls.append(1) or 2.5e10)
     assert mod.hardware_flops("cpu") == 2.5e10
     assert mod.hardware_flops("cpu") == 2.5e10
     assert len(calls) == 1
     cached = json.loads((loralab_home / "hardware.json").read_text())
     assert [v["matmul_flops"] for v in cached.values()] == [2.5e10]
+
+
+def test_a_speed_measured_on_a_busy_machine_is_measured_again(loralab_home, monkeypatch):
+    from loralab.engine import estimate as mod
+
+    speeds = iter([4e10, 1.8e11, 1.2e11])
+    monkeypatch.setattr(mod, "measure_matmul_flops", lambda *a, **k: next(speeds))
+    monkeypatch.setattr(mod.os, "getloadavg", lambda: (10.0, 10.0, 10.0))
+    assert mod.hardware_flops("cpu") == 4e10  # busy: kept, but marked
+    monkeypatch.setattr(mod.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert mod.hardware_flops("cpu") == 1.8e11  # measured again on a quiet machine
+    assert mod.hardware_flops("cpu") == 1.8e11  # quiet measurement: cached, the third speed is never taken
