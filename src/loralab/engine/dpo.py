@@ -18,7 +18,7 @@ from loralab.engine import distributed as dist_util
 from loralab.engine import tracking
 from loralab.engine.events import EventWriter
 from loralab.engine.hardware import apply_threads, choose_placement, peak_rss_mb
-from loralab.engine.train import EngineError, _build_model, latest_checkpoint
+from loralab.engine.train import EngineError, _build_model, latest_checkpoint, trainer_arguments
 from loralab.spec import DPO_DEFAULTS, TrainSpec
 
 REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
@@ -221,24 +221,10 @@ def train_dpo(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
     beta = spec.beta if spec.beta is not None else DPO_DEFAULTS["beta"]
     loss_type = spec.loss_type or DPO_DEFAULTS["loss_type"]
     args = DPOConfig(
-        output_dir=str(run_dir / "checkpoints"),
+        **trainer_arguments(spec, placement, run_dir, report_to, evaluate=bool(val_records)),
         beta=beta, loss_type=[loss_type], max_length=spec.max_seq_length,
-        per_device_train_batch_size=spec.per_device_train_batch_size,
-        per_device_eval_batch_size=spec.per_device_train_batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        num_train_epochs=spec.num_train_epochs, max_steps=spec.max_steps,
-        learning_rate=spec.learning_rate, lr_scheduler_type=spec.lr_scheduler_type,
-        warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm,
-        seed=spec.seed, data_seed=spec.seed,
-        logging_steps=spec.logging_steps, logging_strategy="steps",
-        save_strategy="steps" if spec.save_steps else "no", save_steps=spec.save_steps or 500,
-        save_total_limit=spec.save_total_limit,
-        eval_strategy="epoch" if val_records else "no",
-        # TRL defaults bf16 and gradient checkpointing on; a CPU gets neither (bf16 autocast is emulated there).
-        bf16=placement.dtype == "bf16", fp16=placement.dtype == "fp16",
+        # TRL defaults gradient checkpointing on; here it is on only when asked.
         activation_checkpointing=spec.gradient_checkpointing == "on",
-        use_cpu=placement.device == "cpu", dataloader_pin_memory=placement.device == "cuda",
-        remove_unused_columns=False, report_to=report_to or "none", disable_tqdm=True,
     )
     import huggingface_hub.constants
 

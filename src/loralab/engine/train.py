@@ -119,6 +119,28 @@ def _fused(model):
     return model
 
 
+def trainer_arguments(spec: TrainSpec, placement, run_dir: Path, report_to, evaluate: bool) -> dict:
+    """The TrainingArguments (or TRL config) fields every loralab run sets the same way from its spec."""
+    return dict(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=spec.per_device_train_batch_size,
+        per_device_eval_batch_size=spec.per_device_train_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        num_train_epochs=spec.num_train_epochs, max_steps=spec.max_steps,
+        learning_rate=spec.learning_rate, lr_scheduler_type=spec.lr_scheduler_type,
+        warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm,
+        seed=spec.seed, data_seed=spec.seed,
+        logging_steps=spec.logging_steps, logging_strategy="steps",
+        save_strategy="steps" if spec.save_steps else "no", save_steps=spec.save_steps or 500,
+        save_total_limit=spec.save_total_limit,
+        eval_strategy="epoch" if evaluate else "no",
+        # Precision from the hardware: TRL defaults bf16 on, which a CPU only emulates (minutes per step).
+        bf16=placement.dtype == "bf16", fp16=placement.dtype == "fp16",
+        use_cpu=placement.device == "cpu", dataloader_pin_memory=placement.device == "cuda",
+        remove_unused_columns=False, report_to=report_to or "none", disable_tqdm=True,
+    )
+
+
 def _needs_checkpointing(spec: TrainSpec, train_set, events: EventWriter) -> bool:
     """'on'/'off' as asked; 'auto' turns activation checkpointing on only when the estimate does not fit memory."""
     if spec.gradient_checkpointing != "auto":
@@ -283,22 +305,8 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
                                                   * dist_util.world_size()))
     report_to, tracking_links = tracking.configure(run_dir, run_name=run_dir.name)
     args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
-        per_device_train_batch_size=spec.per_device_train_batch_size,
-        per_device_eval_batch_size=spec.per_device_train_batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        num_train_epochs=spec.num_train_epochs, max_steps=spec.max_steps,
-        learning_rate=spec.learning_rate, lr_scheduler_type=spec.lr_scheduler_type,
-        warmup_steps=spec.warmup_steps, weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm,
-        seed=spec.seed, data_seed=spec.seed,
-        logging_steps=spec.logging_steps, logging_strategy="steps",
-        save_strategy="steps" if spec.save_steps else "no", save_steps=spec.save_steps or 500,
-        save_total_limit=spec.save_total_limit,
-        eval_strategy="epoch" if val_set else "no", prediction_loss_only=True,
-        bf16=placement.dtype == "bf16", fp16=placement.dtype == "fp16",
-        use_cpu=placement.device == "cpu", dataloader_pin_memory=placement.device == "cuda",
-        activation_checkpointing=gradient_checkpointing,
-        remove_unused_columns=False, report_to=report_to or "none", disable_tqdm=True,
+        **trainer_arguments(spec, placement, run_dir, report_to, evaluate=bool(val_set)),
+        prediction_loss_only=True, activation_checkpointing=gradient_checkpointing,
         train_sampling_strategy="random" if spec.packing else "group_by_length",
         **dist_util.trainer_arguments(spec, placement),
     )
