@@ -45,7 +45,7 @@ def read_and_answer(page, topic: course.Topic, wrong_first: bool) -> None:
             expect(feedback).to_contain_text("不正解です", timeout=LONG)
             expect(feedback).to_contain_text(wrong.explanation)  # why the chosen answer is wrong
             expect(feedback).to_contain_text(right.explanation)  # and why the right one is right
-            expect(page.locator(f"#learn-q{slot} input").first).to_be_disabled()  # the first answer counts
+            expect(page.locator(f"#learn-q{slot} input").first).to_be_disabled(timeout=LONG)  # first answer counts
         else:
             choose(page, slot, right.text)
             expect(page.locator(f"#learn-fb{slot}")).to_contain_text("正解です", timeout=LONG)
