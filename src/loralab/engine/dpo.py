@@ -18,7 +18,7 @@ from loralab.engine import distributed as dist_util
 from loralab.engine import tracking
 from loralab.engine.events import EventWriter
 from loralab.engine.hardware import apply_threads, choose_placement, peak_rss_mb
-from loralab.engine.train import EngineError, _build_model, latest_checkpoint, trainer_arguments
+from loralab.engine.train import EngineError, _build_model, latest_checkpoint, train_until_done_or_cancelled, trainer_arguments
 from loralab.spec import DPO_DEFAULTS, TrainSpec
 
 REF_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
@@ -262,12 +262,10 @@ def train_dpo(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
     )
     if stop.is_set():
         return {"status": "cancelled", "step": resumed_step}
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    output, cancelled = train_until_done_or_cancelled(trainer, resume, run_dir, stop, events)
+    if cancelled:
+        return cancelled
     state = trainer.state
-    if stop.is_set() and state.global_step < state.max_steps:
-        ckpt = latest_checkpoint(run_dir)
-        events.emit("cancelled", step=state.global_step, checkpoint=str(ckpt) if ckpt else None)
-        return {"status": "cancelled", "step": state.global_step}
 
     train_seconds = clock.get("end", time.perf_counter()) - clock.get("start", time.perf_counter())
     history = [h for h in state.log_history if "loss" in h]

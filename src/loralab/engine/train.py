@@ -158,6 +158,18 @@ def _needs_checkpointing(spec: TrainSpec, train_set, events: EventWriter) -> boo
     return bool(plan["gradient_checkpointing"])
 
 
+def train_until_done_or_cancelled(trainer, resume: Path | None, run_dir: Path, stop: threading.Event,
+                                  events: EventWriter):
+    """Run trainer.train (resuming from `resume`); a stop before the last step emits `cancelled` and returns it."""
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    state = trainer.state
+    if stop.is_set() and state.global_step < state.max_steps:
+        ckpt = latest_checkpoint(run_dir)
+        events.emit("cancelled", step=state.global_step, checkpoint=str(ckpt) if ckpt else None)
+        return output, {"status": "cancelled", "step": state.global_step}
+    return output, None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """Newest complete checkpoint (trainer_state.json is written last) under RUN_DIR/checkpoints."""
     root = Path(run_dir) / "checkpoints"
@@ -332,12 +344,10 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
     )
     if stop.is_set():
         return {"status": "cancelled", "step": resumed_step}
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    output, cancelled = train_until_done_or_cancelled(trainer, resume, run_dir, stop, events)
+    if cancelled:
+        return cancelled
     state = trainer.state
-    if stop.is_set() and state.global_step < state.max_steps:
-        ckpt = latest_checkpoint(run_dir)
-        events.emit("cancelled", step=state.global_step, checkpoint=str(ckpt) if ckpt else None)
-        return {"status": "cancelled", "step": state.global_step}
 
     train_seconds = clock.get("end", time.perf_counter()) - clock.get("start", time.perf_counter())
     losses = [h["loss"] for h in state.log_history if "loss" in h]
