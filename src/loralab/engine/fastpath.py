@@ -21,10 +21,11 @@ from __future__ import annotations
 import types
 
 IGNORE = -100
-# Positions per chunk of the vocabulary projection: [chunk x vocab] floats of at most 64 MB. Smaller
-# chunks (8 MB, ~40 rows of a 49k vocabulary) made the projection's matmuls too thin and ran slower
-# than the stock loss; at 64 MB a typical piece's targets fit in one or two chunks.
-CE_CHUNK_BYTES = 64 << 20
+# Positions per chunk of the vocabulary projection: [chunk x vocab] floats of at most 32 MB (the only
+# buffer of that size: log-sum-exp, softmax and its gradient are computed in it in place). Measured on
+# 340 targets of a 49k vocabulary, loss + backward: 64 MB chunks 410 ms, 32 MB ~430 ms, 16 MB ~525 ms,
+# 8 MB ~700 ms (thin matmuls); 32 MB keeps the peak 32 MB lower for ~1% of a step.
+CE_CHUNK_BYTES = 32 << 20
 # Model types whose output layer is a plain projection of the last hidden state (no soft-capping or
 # logit scaling), so the loss may be computed from the hidden states and the head weight.
 PLAIN_HEAD_MODELS = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "phi3",
@@ -58,13 +59,17 @@ def _make_linear_ce():
                 logits = (h @ weight.t()).to(acc)
                 valid = t != IGNORE
                 safe = t.clamp(min=0)
-                lse = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, safe[:, None]).squeeze(1)
+                # log-sum-exp in place (torch.logsumexp would allocate a second [chunk x vocab] buffer)
+                peak = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(peak).exp_()
+                norm = probs.sum(-1, keepdim=True)
+                lse = norm.log().add_(peak).squeeze(1)
                 total += torch.where(valid, lse - picked, 0.0).sum()
                 if not grad_enabled:
                     continue
                 # d(sum loss)/d logits = softmax - onehot(target), zero on ignored rows; computed in place.
-                probs = logits.sub_(lse[:, None]).exp_()
+                probs.div_(norm)
                 rows = torch.arange(probs.shape[0], device=probs.device)
                 probs[rows, safe] -= 1.0
                 if not bool(valid.all()):

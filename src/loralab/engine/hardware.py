@@ -77,3 +77,27 @@ def available_memory_bytes(device: str = "cpu") -> int:
         return int(free)
     return int(psutil.virtual_memory().available)
 
+
+
+def release_free_heap() -> bool:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`); False where there is no glibc.
+
+    glibc keeps freed memory for reuse. Between training pieces of different sizes the kept holes do
+    not fit the next piece's tensors, so resident memory grows past what is alive (~150 MB on SmolLM2
+    at 512 tokens). Trimming before every piece costs ~10% of the speed (the pages fault in again);
+    the engine trims only before a piece larger than any before it, where the peak is made.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

@@ -14,7 +14,7 @@ from loralab.engine import tracking
 from loralab.engine.batching import (DEFAULT_MICRO_BATCH_TOKENS, PackedCollator, PaddedCollator, causal_lm_loss_sum,
                                      real_tokens, split_packed)
 from loralab.engine.events import EventWriter
-from loralab.engine.hardware import apply_threads, choose_placement, peak_rss_mb
+from loralab.engine.hardware import apply_threads, choose_placement, peak_rss_mb, release_free_heap
 from loralab.spec import TrainSpec
 
 
@@ -203,6 +203,8 @@ def _make_trainer_class():
             return (loss, {"loss": loss}) if return_outputs else loss
 
         micro_batch_tokens = 0
+        trim_heap = False  # CPU runs: hand free heap pages back before a piece larger than any before it
+        largest_piece = 0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             """Run a packed batch as runs of whole examples when it exceeds the token budget (same gradient)."""
@@ -212,6 +214,10 @@ def _make_trainer_class():
                       if self.micro_batch_tokens and "position_ids" in inputs else [inputs])
             total = None
             for i, piece in enumerate(pieces):
+                size = int(piece["input_ids"].numel())
+                if self.trim_heap and size > self.largest_piece:
+                    self.largest_piece = size
+                    release_free_heap()  # the peak is made here: start it without the last pieces' holes
                 last = i == len(pieces) - 1
                 # gradients are synchronised across ranks once, after the last piece
                 ctx = contextlib.nullcontext() if last or self.args.world_size == 1 else self.accelerator.no_sync(model)
@@ -337,6 +343,7 @@ def train(spec: TrainSpec, run_dir: Path, events: EventWriter | None = None,
     if spec.packing:
         trainer.micro_batch_tokens = spec.micro_batch_tokens or (
             DEFAULT_MICRO_BATCH_TOKENS if placement.device == "cpu" else 0)
+    trainer.trim_heap = placement.device == "cpu"
     resume = latest_checkpoint(run_dir)
     resumed_step = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     total = spec.max_steps if spec.max_steps > 0 else math.ceil(steps_per_epoch * spec.num_train_epochs)
