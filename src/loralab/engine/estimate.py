@@ -12,16 +12,19 @@ from typing import Any
 
 from loralab.engine.batching import DEFAULT_MICRO_BATCH_TOKENS
 from loralab.engine.fastpath import CE_CHUNK_BYTES, PLAIN_HEAD_MODELS
+from loralab.engine.fused_layer import FUSED_MODEL_TYPES, kept_values_per_token
 
 # Shape of one MLP projection of the embedded model (tokens x hidden @ hidden x intermediate).
 MATMUL_SHAPE = (1024, 576, 1536)
 
 # Calibrated on SmolLM2-135M (fp32, 2-core AMD EPYC, torch 2.13, glibc malloc) with
-# benchmarks/estimate_vs_measured.py: 4 settings (seq 128-512, batch 1-8, r 8-16), 2 steps each, errors -1..+13%.
+# benchmarks/estimate_vs_measured.py: 4 settings (seq 128-512, batch 1-8, r 8-16), one epoch of 32 rows each;
+# with engine.fused_layer and the heap trim before record-size pieces the memory errors were +4..+9% at
+# retention 0.5 (2026-11-22, session 3), so retention is 0.3 on the CPU now.
 RUNTIME_BYTES = {"cpu": 600 * 2**20, "cuda": 600 * 2**20, "mps": 600 * 2**20}  # interpreter, libraries, tokenizer, data
 # Freed activation memory the allocator keeps (glibc's dynamic mmap threshold; CUDA's caching allocator):
 # peak RSS grows by about this fraction of one step's transient bytes (activations + logits).
-ALLOCATOR_RETENTION = {"cpu": 0.5, "cuda": 0.1, "mps": 0.1}
+ALLOCATOR_RETENTION = {"cpu": 0.3, "cuda": 0.1, "mps": 0.1}
 # Achieved / measured matmul FLOP/s in a training step (cpu: 0.52-0.60 measured with this engine by
 # benchmarks/estimate_vs_measured.py on 2026-11-22; cuda and mps not measured here).
 EFFICIENCY = {"cpu": 0.55, "cuda": 0.40, "mps": 0.30}
@@ -245,6 +248,12 @@ def estimate(model: Any, method: str = "lora", r: int = 8, target_modules: Any =
     fused_loss = getattr(config, "model_type", None) in PLAIN_HEAD_MODELS
 
     per_layer = layer_activation_values(dims, adapted, r, masked_width)
+    # engine.fused_layer: a LoRA run of a Llama-style model on the CPU, packed and without checkpointing,
+    # runs each half layer as one autograd node that keeps only what its backward needs.
+    fused_layers = (method == "lora" and kind == "cpu" and masked_width == 0 and not gradient_checkpointing
+                    and getattr(config, "model_type", None) in FUSED_MODEL_TYPES)
+    if fused_layers:
+        per_layer = kept_values_per_token(dims, r * len(adapted))
     outside = 2 * dims["hidden"] + 1  # final norm input and 1/rms
     if gradient_checkpointing:
         # Only each layer's input survives the forward; one layer is recomputed at a time in backward.
@@ -252,8 +261,9 @@ def estimate(model: Any, method: str = "lora", r: int = 8, target_modules: Any =
     else:
         activations = tokens * (dims["layers"] * per_layer + outside) * act_bytes
     if fused_loss:
-        # engine.fastpath.linear_cross_entropy: one chunk of logits at a time plus the hidden-state gradient.
-        logits = 2 * CE_CHUNK_BYTES + int(tokens * supervised) * dims["hidden"] * 4
+        # engine.fastpath.linear_cross_entropy: one chunk of logits (softmax and its gradient computed in it in
+        # place) plus the hidden-state gradient.
+        logits = CE_CHUNK_BYTES + int(tokens * supervised) * dims["hidden"] * 4
     else:
         # Log-softmax output kept for backward + its incoming and outgoing gradients (fp32: the loss upcasts).
         logits = 3 * int(tokens * supervised) * dims["vocab"] * 4
@@ -284,6 +294,7 @@ def estimate(model: Any, method: str = "lora", r: int = 8, target_modules: Any =
         "max_seq_length": max_seq_length, "batch_size": batch_size, "seq_length": seq, "tokens_per_batch": tokens,
         "supervised_fraction": supervised, "packing": packing, "gradient_checkpointing": gradient_checkpointing,
         "micro_batch_tokens": micro_batch_tokens, "live_tokens": tokens, "fused_loss": fused_loss,
+        "fused_layers": fused_layers,
         "device": kind, "dtype": dtype, "base_params": base_params, "trainable_params": trainable,
         "activation_values_per_token_per_layer": per_layer, "model_dims": dims,
         "matmul_flops": flops, "efficiency": EFFICIENCY[kind], "flops_per_token": flops_token,

@@ -28,6 +28,13 @@ import types
 # Decoder layers whose forward is exactly Llama's: x + attn(norm(x)), then x + mlp(norm(x)), with
 # RoPE applied as q * cos + rotate_half(q) * sin and a SwiGLU MLP.
 FUSED_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer"}
+FUSED_MODEL_TYPES = {"llama", "mistral"}  # the configs whose layers are those (used by engine.estimate)
+
+
+def kept_values_per_token(dims: dict[str, int], lora_ranks: int) -> int:
+    """Values one fused layer keeps per token: 4h + 2kv + 2i + heads + sum of LoRA ranks + 2 (two 1/rms)."""
+    kv = dims["kv_heads"] * dims["head_dim"]
+    return 4 * dims["hidden"] + 2 * kv + 2 * dims["intermediate"] + dims["heads"] + lora_ranks + 2
 
 
 def _torch():
