@@ -38,12 +38,13 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
-# Browser tests drive Debian's Chromium (never a downloaded browser); CJK fonts for Japanese pages.
+# System packages: Debian's Chromium for browser tests (never a downloaded browser), CJK fonts for Japanese
+# pages, and jemalloc, the allocator engine processes start on (engine.hardware.allocator_env).
 browser:
-	@if [ -x /usr/bin/chromium ] && fc-list 2>/dev/null | grep -qi "Noto Sans CJK"; then :; \
+	@if [ -x /usr/bin/chromium ] && fc-list 2>/dev/null | grep -qi "Noto Sans CJK" && ls /usr/lib/*-linux-gnu/libjemalloc.so.2 >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null; \
-	else echo "chromium or fonts-noto-cjk missing (apt-get install chromium fonts-noto-cjk): browser tests will be skipped"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk libjemalloc2 >/dev/null; \
+	else echo "chromium, fonts-noto-cjk or libjemalloc2 missing (apt-get install chromium fonts-noto-cjk libjemalloc2): browser tests will be skipped, the engine uses glibc malloc"; fi
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not model and not slow"

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 from loralab.engine.estimate import MATMUL_SHAPE, measure_matmul_flops  # noqa: E402
+from loralab.engine.hardware import allocator_env  # noqa: E402
 # The TRL baselines as the issue measured them (SFTTrainer defaults except fp32: activation checkpointing on),
 # and the stricter variants with checkpointing off (faster, far more memory).
 CONTENDERS = ("loralab", "trl-padded", "trl-packed", "trl-padded-nockpt", "trl-packed-nockpt")
@@ -30,9 +31,9 @@ BASELINES = {"trl-padded": "padded_ratio", "trl-packed": "packed_ratio",
 # loralab-ckpt: the engine with activation checkpointing on (the memory floor, at a speed cost).
 EXTRA = {
     "loralab-ckpt": {},
-    "loralab-mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"},
-    "loralab-trim": {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"},
-    "loralab-jemalloc": {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0"},
+    "loralab-glibc": {"LD_PRELOAD": "", "MALLOC_CONF": ""},  # the engine on glibc's malloc instead of jemalloc
+    "loralab-mmap": {"LD_PRELOAD": "", "MALLOC_CONF": "", "MALLOC_MMAP_THRESHOLD_": "131072"},
+    "loralab-trim": {"LD_PRELOAD": "", "MALLOC_CONF": "", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"},
 }
 MODEL = "smollm2-135m-instruct"
 TARGETS = {"padded_ratio": 3.0, "packed_ratio": 2.0, "loss_rel": 0.05, "utilisation": 0.70, "peak_rss_mb": 1536.0}
@@ -225,7 +226,10 @@ def _spawn(name: str, cfg: dict) -> dict:
         result_path = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-config", json.dumps(cfg),
                "--worker-result", str(result_path)]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src"), **EXTRA.get(name, {})}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
+        if name.startswith("loralab"):  # the engine's process as the worker starts it (jemalloc when installed)
+            env.update(allocator_env(env))
+        env.update(EXTRA.get(name, {}))
         started = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not result_path.is_file():
@@ -287,6 +291,9 @@ def print_report(cfg: dict, results: dict, derived: dict, flops: dict, n_params:
           f"max_seq_len {cfg['max_seq_len']}, batch {cfg['batch_size']}, LoRA r={cfg['r']} all-linear, "
           f"fp32, lr {cfg['lr']}, seed {cfg['seed']}, steps {cfg['steps']}")
     print(f"load average before: {flops['load_before']}, after: {flops['load_after']}")
+    preload = allocator_env().get("LD_PRELOAD")
+    print(f"engine allocator: {'jemalloc (' + preload + ')' if preload else 'glibc malloc'} "
+          "(loralab-glibc: the engine on glibc's malloc)")
     print(f"machine matmul: {flops['best'] / 1e9:.1f} GFLOP/s fp32 ({'x'.join(map(str, flops['shape']))}, "
           f"before {flops['before'] / 1e9:.1f}, after {flops['after'] / 1e9:.1f}; best used)")
     print("utilisation = tokens/s x 4 x N_params / matmul FLOP/s   (N_params incl. embeddings, tied once)\n")

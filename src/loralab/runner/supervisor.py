@@ -40,6 +40,18 @@ def engine_command(settings: Settings, run_dir: Path, spec: dict[str, Any] | Non
     return [*base, str(run_dir)]
 
 
+def engine_env() -> dict[str, str]:
+    """The engine process's environment: this one, on jemalloc when it is installed (engine.hardware.allocator_env)."""
+    from loralab.engine.hardware import allocator_env
+
+    try:
+        extra = allocator_env()
+    except ValueError as exc:
+        log.warning("%s; the engine runs on the system allocator", exc)
+        extra = {}
+    return {**os.environ, **extra}
+
+
 class EventTail:
     """Reads complete new lines of events.jsonl; seq = 1-based line number, so a resumed attempt skips stored lines."""
 
@@ -200,7 +212,7 @@ class Supervisor:
         with open(self.run_dir / "stdout.log", "ab") as out, open(self.run_dir / "stderr.log", "ab") as err:
             # Own process group: cancel signals reach the engine and anything it forks (torchrun ranks).
             self.proc = subprocess.Popen(cmd, cwd=self.run_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         start_new_session=True, close_fds=True)
+                                         start_new_session=True, close_fds=True, env=engine_env())
 
     def _kill(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
