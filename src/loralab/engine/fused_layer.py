@@ -125,7 +125,7 @@ def _stacked_lows(x, projections):
     return low, views
 
 
-def _projections_backward(x_in, grads, projections, low, scalings_out):
+def _projections_backward(x_in, grads, projections, low):
     """Backward of several projections reading x_in: returns d x_in and (dA, dB) per projection.
 
     grads[j] is d(output_j) [T, out_j]. x_in is the (recomputed) input, needed only for the A gradients.
@@ -264,7 +264,7 @@ def _make_nodes():
             groups = heads // kv_heads
             grad_out = grad.reshape(length, -1)
             attn = out.view(length, heads * dim)
-            grad_attn, pairs_o = _projections_backward(attn, [grad_out], projections[3:], low_out, None)
+            grad_attn, pairs_o = _projections_backward(attn, [grad_out], projections[3:], low_out)
             grad_o = grad_attn.view(length, heads, dim)
             grad_q = torch.empty_like(q_rot)
             grad_k = torch.empty_like(k_rot)
@@ -284,7 +284,7 @@ def _make_nodes():
             grad_k = _rotate_half_transposed(grad_k * s).add_(grad_k.mul_(c))
             normed, _ = _norm(flat, norm_weight, cfg["eps"])
             grads = [grad_q.view(length, -1), grad_k.view(length, -1), grad_v.view(length, -1)]
-            grad_normed, pairs_in = _projections_backward(normed, grads, projections[:3], low_in, None)
+            grad_normed, pairs_in = _projections_backward(normed, grads, projections[:3], low_in)
             del normed, grads, grad_q, grad_k, grad_v
             grad_x, grad_w = _norm_backward(flat, inv, norm_weight, grad_normed, ctx.needs_input_grad[1])
             grad_x.add_(grad_out)
@@ -327,14 +327,14 @@ def _make_nodes():
             sig = torch.sigmoid(gate)
             silu = gate * sig
             mid = silu * up if projections[2][1] is not None else None
-            grad_mid, pairs_mid = _projections_backward(mid, [grad_out], projections[2:], low_mid, None)
+            grad_mid, pairs_mid = _projections_backward(mid, [grad_out], projections[2:], low_mid)
             del mid
             grad_up = silu.mul_(grad_mid)  # d up = d mid * silu(gate)
             # d gate = d mid * up * sig * (1 + gate * (1 - sig))
             grad_gate = torch.sub(1.0, sig).mul_(gate).add_(1.0).mul_(sig).mul_(up).mul_(grad_mid)
             del sig, grad_mid
             normed, _ = _norm(flat, norm_weight, cfg["eps"])
-            grad_normed, pairs_in = _projections_backward(normed, [grad_gate, grad_up], projections[:2], low_in, None)
+            grad_normed, pairs_in = _projections_backward(normed, [grad_gate, grad_up], projections[:2], low_in)
             del normed, grad_gate, grad_up
             grad_x, grad_w = _norm_backward(flat, inv, norm_weight, grad_normed, ctx.needs_input_grad[1])
             grad_x.add_(grad_out)
