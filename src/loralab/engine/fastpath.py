@@ -127,19 +127,24 @@ def plain_head(model):
 
 # ----------------------------------------------------------------------------- packed attention
 
+def repeat_heads(t, groups: int):
+    """[B, kv, T, D] -> [B, kv * groups, T, D]: each grouped key/value head repeated for its query heads."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def fold_heads(t, groups: int):
+    """The gradient of `repeat_heads`: sum each key/value head's query group."""
+    if groups == 1:
+        return t
+    b, h, n, d = t.shape
+    return t.view(b, h // groups, groups, n, d).sum(2)
+
+
 def _make_packed_attention():
     torch = _torch()
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-    def repeat(t, groups: int):
-        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
-
-    def fold(t, groups: int):  # gradient of `repeat`: sum each key/value head's query group
-        if groups == 1:
-            return t
-        b, h, n, d = t.shape
-        return t.view(b, h // groups, groups, n, d).sum(2)
+    repeat, fold = repeat_heads, fold_heads
 
     class PackedAttention(torch.autograd.Function):
         """Causal attention inside each [a, b) span of a packed row.

@@ -71,13 +71,6 @@ def _projection(proj):
     return base.weight, lora_a.weight, lora_b.weight, float(proj.scaling[name])
 
 
-def _spans(position_ids) -> list[tuple[int, int]]:
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    return list(zip(starts, starts[1:] + [int(position_ids.shape[-1])]))
-
-
 # ----------------------------------------------------------------------------- shared pieces
 
 def _norm(x, weight, eps):
@@ -161,6 +154,19 @@ def _projections_backward(x_in, grads, projections, low):
     return grad_x, pairs
 
 
+def _unpack(weights, scalings):
+    """(W, A, B, scaling) per projection from the node's flat weight inputs (four slots per projection)."""
+    return [tuple(weights[4 * j:4 * j + 3]) + (scalings[j],) for j in range(len(scalings))]
+
+
+def _weight_grads(pairs):
+    """The node's gradients for its flat weight inputs: none for W and the scaling slot, dA and dB."""
+    grads = []
+    for grad_a, grad_b in pairs:
+        grads += [None, grad_a, grad_b, None]
+    return grads
+
+
 def _rotate_half(x):
     torch = _torch()
     half = x.shape[-1] // 2
@@ -197,6 +203,9 @@ def _rotate_half_transposed(x):  # the adjoint of rotate_half: (y1, y2) -> (y2, 
 # ----------------------------------------------------------------------------- the two nodes
 
 def _make_nodes():
+    from loralab.engine.fastpath import fold_heads as fold
+    from loralab.engine.fastpath import repeat_heads as repeat
+
     torch = _torch()
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -204,21 +213,12 @@ def _make_nodes():
     def heads_first(t, a, b):  # rows a:b of [T, H, D] as [1, H, n, D]
         return t[a:b].transpose(0, 1).unsqueeze(0)
 
-    def repeat(t, groups):
-        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
-
-    def fold(t, groups):
-        if groups == 1:
-            return t
-        b, h, n, d = t.shape
-        return t.view(b, h // groups, groups, n, d).sum(2)
-
     class AttentionHalf(torch.autograd.Function):
         """x + o_proj(attention(rope(q, k), v)) with q, k, v = projections of rms_norm(x); LoRA on any projection."""
 
         @staticmethod
         def forward(ctx, x, norm_weight, cos, sin, cfg, *weights):
-            projections = [tuple(weights[4 * j:4 * j + 3]) + (cfg["scalings"][j],) for j in range(4)]
+            projections = _unpack(weights, cfg["scalings"])
             shape = x.shape
             length = shape[-2]
             heads, kv_heads, dim = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
@@ -258,7 +258,7 @@ def _make_nodes():
             flat, inv, norm_weight, cos, sin, low_in, q_rot, k_rot, v, out, low_out = saved[:11]
             weights = saved[11:27]
             lses = saved[27:]
-            projections = [tuple(weights[4 * j:4 * j + 3]) + (cfg["scalings"][j],) for j in range(4)]
+            projections = _unpack(weights, cfg["scalings"])
             length = flat.shape[0]
             heads, kv_heads, dim = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
             groups = heads // kv_heads
@@ -288,17 +288,14 @@ def _make_nodes():
             del normed, grads, grad_q, grad_k, grad_v
             grad_x, grad_w = _norm_backward(flat, inv, norm_weight, grad_normed, ctx.needs_input_grad[1])
             grad_x.add_(grad_out)
-            weight_grads = []
-            for (grad_a, grad_b) in pairs_in + pairs_o:
-                weight_grads += [None, grad_a, grad_b, None]
-            return (grad_x.view(ctx.shape), grad_w, None, None, None, *weight_grads)
+            return (grad_x.view(ctx.shape), grad_w, None, None, None, *_weight_grads(pairs_in + pairs_o))
 
     class MLPHalf(torch.autograd.Function):
         """x + down(silu(gate(n)) * up(n)) with n = rms_norm(x); LoRA on any of the three projections."""
 
         @staticmethod
         def forward(ctx, x, norm_weight, cfg, *weights):
-            projections = [tuple(weights[4 * j:4 * j + 3]) + (cfg["scalings"][j],) for j in range(3)]
+            projections = _unpack(weights, cfg["scalings"])
             shape = x.shape
             flat = x.reshape(-1, shape[-1])
             normed, inv = _norm(flat, norm_weight, cfg["eps"])
@@ -322,7 +319,7 @@ def _make_nodes():
             saved = ctx.saved_tensors
             flat, inv, norm_weight, low_in, gate, up, low_mid = saved[:7]
             weights = saved[7:]
-            projections = [tuple(weights[4 * j:4 * j + 3]) + (cfg["scalings"][j],) for j in range(3)]
+            projections = _unpack(weights, cfg["scalings"])
             grad_out = grad.reshape(flat.shape)
             sig = torch.sigmoid(gate)
             silu = gate * sig
@@ -338,10 +335,7 @@ def _make_nodes():
             del normed, grad_gate, grad_up
             grad_x, grad_w = _norm_backward(flat, inv, norm_weight, grad_normed, ctx.needs_input_grad[1])
             grad_x.add_(grad_out)
-            weight_grads = []
-            for (grad_a, grad_b) in pairs_in + pairs_mid:
-                weight_grads += [None, grad_a, grad_b, None]
-            return (grad_x.view(ctx.shape), grad_w, None, *weight_grads)
+            return (grad_x.view(ctx.shape), grad_w, None, *_weight_grads(pairs_in + pairs_mid))
 
     return AttentionHalf, MLPHalf
 
@@ -391,6 +385,8 @@ def _layer_plan(layer):
 
 def _fused_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                          use_cache=False, position_embeddings=None, **kwargs):
+    from loralab.engine.attention import _segments
+
     torch = _torch()
     plan = None
     if (self.training and torch.is_grad_enabled() and attention_mask is None and past_key_values is None
@@ -408,7 +404,7 @@ def _fused_layer_forward(self, hidden_states, attention_mask=None, position_ids=
     cos, sin = position_embeddings
     parts = plan["parts"]
     cfg = {"heads": plan["heads"], "kv_heads": plan["kv_heads"], "head_dim": plan["head_dim"], "scale": plan["scale"],
-           "eps": plan["eps"], "spans": _spans(position_ids), "scalings": [p[3] for p in parts[:4]]}
+           "eps": plan["eps"], "spans": _segments(position_ids), "scalings": [p[3] for p in parts[:4]]}
     weights = [t for p in parts[:4] for t in (p[0], p[1], p[2], None)]
     hidden = attention_half.apply(hidden_states, self.input_layernorm.weight, cos, sin, cfg, *weights)
     cfg_mlp = {"eps": plan["eps"], "scalings": [p[3] for p in parts[4:]]}
