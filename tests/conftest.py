@@ -10,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Reference models that tests load straight from transformers: no hub kernels (transformers >= 5.25 turns them on,
+# and every train()/eval() then puts the stock forwards back). The engine's own loaders pass use_kernels=False;
+# tests/engine/test_fastpath.py checks that without this variable.
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 from tiny_models import build_tiny_model  # noqa: E402  (tests/ is on sys.path)
 

@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from loralab.engine.batching import PackedCollator, PaddedCollator, causal_lm_loss_sum
-from loralab.engine.fastpath import fuse_lora_forward, lean_activations, linear_cross_entropy, plain_head
+from loralab.engine.fastpath import CE_VOCAB_BLOCK, fuse_lora_forward, lean_activations, linear_cross_entropy, plain_head
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64])
-def test_linear_cross_entropy_matches_cross_entropy(chunk):
+@pytest.mark.parametrize("vocab", [17, 2 * CE_VOCAB_BLOCK + 17])  # the second is computed in vocabulary blocks
+def test_linear_cross_entropy_matches_cross_entropy(chunk, vocab):
     torch.manual_seed(0)
     hidden = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(17, 6, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 17, (10,))
+    weight = torch.randn(vocab, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab, (10,))
     targets[[2, 7]] = -100
     ref = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=-100, reduction="sum")
     ref_h, ref_w = torch.autograd.grad(ref * 0.37, (hidden, weight))
@@ -108,3 +109,18 @@ def test_fused_lora_falls_back_when_the_adapter_is_off(tiny_model_dir):
         merged = model(input_ids=ids).logits
     assert (tuned - base).abs().max() > 1e-3
     torch.testing.assert_close(merged, tuned, rtol=1e-9, atol=1e-9)
+
+
+def test_engine_forwards_survive_train_and_eval(tiny_model_dir, monkeypatch):
+    """transformers' hub kernels re-kernelize on every train()/eval() and would put the stock forwards back."""
+    from loralab.engine import fastpath
+    from loralab.engine.models import load_model
+
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    model = load_model(str(tiny_model_dir))
+    assert lean_activations(model)["norms"] > 0
+    model.train()
+    model.eval()
+    model.train()
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert norms and all(m.forward.__func__ is fastpath._rms_norm_forward for m in norms)

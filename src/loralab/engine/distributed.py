@@ -307,7 +307,7 @@ def load_qlora_base(name: str, attn_implementation: str, gradient_checkpointing:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     model = AutoModelForCausalLM.from_pretrained(
         resolved.path, quantization_config=quant, dtype=compute, attn_implementation=attn_implementation,
-        device_map={"": local_rank},
+        device_map={"": local_rank}, use_kernels=False,  # see models.load_model
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -131,24 +131,22 @@ def _projections_backward(x_in, grads, projections, low):
     pairs: list = [(None, None)] * len(projections)
     if not adapted:
         return grad_x, pairs
-    grad_lows = []
+    # The LoRA products are thin (r columns). MKL runs [T, out] @ [out, r] and [out, T] @ [T, r] 3-4x slower
+    # than the same products transposed, so d(A x) is computed as rows of [sum r, T] and dB as (u.T @ g).T.
+    ranks = [projections[j][1].shape[0] for j in adapted]
+    grad_low_t = torch.empty((sum(ranks), x_in.shape[0]), dtype=x_in.dtype, device=x_in.device)
     at = 0
-    for j in adapted:
-        _, a, b, scaling = projections[j]
-        rank = a.shape[0]
+    for j, rank in zip(adapted, ranks):
+        b, scaling = projections[j][2], projections[j][3]
         u = low[:, at:at + rank]
+        pairs[j] = [None, torch.mm(u.t(), grads[j]).mul_(scaling).t()]
+        torch.mm(b.t(), grads[j].t(), out=grad_low_t[at:at + rank]).mul_(scaling)
         at += rank
-        grad_b = torch.mm(grads[j].t(), u).mul_(scaling)
-        grad_u = torch.mm(grads[j], b).mul_(scaling)
-        grad_lows.append(grad_u)
-        pairs[j] = [None, grad_b]
-    grad_low = torch.cat(grad_lows, dim=1) if len(grad_lows) > 1 else grad_lows[0]
     stacked = torch.cat([projections[j][1] for j in adapted]) if len(adapted) > 1 else projections[adapted[0]][1]
-    grad_x.addmm_(grad_low, stacked)
-    grad_stacked = grad_low.t() @ x_in
+    grad_x.addmm_(grad_low_t.t(), stacked)
+    grad_stacked = grad_low_t @ x_in
     at = 0
-    for j in adapted:
-        rank = projections[j][1].shape[0]
+    for j, rank in zip(adapted, ranks):
         pairs[j][0] = grad_stacked[at:at + rank]
         at += rank
     return grad_x, pairs

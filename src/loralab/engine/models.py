@@ -153,13 +153,18 @@ def load_tokenizer(name: str):
 
 
 def load_model(name: str, dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):
-    """Load a base causal LM (fp32 on CPU unless a dtype is given); SDPA attention by default."""
+    """Load a base causal LM (fp32 on CPU unless a dtype is given); SDPA attention by default.
+
+    Hub kernels stay off (`use_kernels=False`; transformers >= 5.25 turns them on when the `kernels`
+    package is installed): they are fetched from the hub at run time, and every train()/eval() call
+    re-kernelizes the model, which puts back the stock forwards the engine replaced (engine.fastpath).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_base_model(name)
     model = AutoModelForCausalLM.from_pretrained(
-        resolved.path, dtype=dtype or torch.float32, attn_implementation=attn_implementation
+        resolved.path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, use_kernels=False,
     )
     return model.to(device)
 
