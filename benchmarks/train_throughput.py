@@ -112,15 +112,95 @@ def _run_loralab(cfg: dict, out_dir: Path) -> dict:
     }
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_")
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def _matmul_dims(name: str, shapes: list) -> tuple[int, int, int] | None:
+    """(m, k, n) of a recorded mm / addmm / addmm_ call, from its input shapes."""
+    try:
+        if name == "aten::mm":
+            (m, k), (_, n) = shapes[0], shapes[1]
+        else:  # addmm(self, a, b): a is [m, k], b is [k, n]
+            (m, k), (_, n) = shapes[1], shapes[2]
+    except (IndexError, TypeError, ValueError):
+        return None
+    return m, k, n
+
+
+def profile_breakdown(events) -> dict:
+    """CPU self time of a profiled run in four parts, with the FLOPs and rate of the matmul parts.
+
+    'LoRA matmuls' are products with a side of at most 64 (the rank, or stacked ranks); 'projection
+    matmuls' are the rest (the frozen projections and the vocabulary head).
+    """
+    parts = {name: {"seconds": 0.0, "flops": 0.0, "calls": 0}
+             for name in ("projection matmuls", "LoRA matmuls", "attention kernels", "everything else")}
+    total = 0.0
+    for e in events:
+        seconds = e.self_cpu_time_total / 1e6
+        total += seconds
+        dims = _matmul_dims(e.key, e.input_shapes) if e.key in MATMUL_OPS else None
+        if dims is not None:
+            part = parts["LoRA matmuls" if min(dims) <= 64 else "projection matmuls"]
+            part["flops"] += 2.0 * dims[0] * dims[1] * dims[2] * e.count
+        elif e.key in ATTENTION_OPS:
+            part = parts["attention kernels"]
+        else:
+            part = parts["everything else"]
+        part["seconds"] += seconds
+        part["calls"] += e.count
+    return {"total_seconds": total, "parts": parts}
+
+
 def _profile(spec, out_dir: Path) -> dict:
+    """The engine's training loop under torch.profiler (model loading and data preparation outside it)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from loralab.engine.train import train
+    from loralab.engine import train as engine_train
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        summary = train(spec, out_dir)
+    run_loop = engine_train.train_until_done_or_cancelled
+    held: dict = {}
+
+    def profiled(*args, **kwargs):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            started = time.perf_counter()
+            out = run_loop(*args, **kwargs)
+            held["wall"] = time.perf_counter() - started
+        held["prof"] = prof
+        return out
+
+    engine_train.train_until_done_or_cancelled = profiled
+    try:
+        summary = engine_train.train(spec, out_dir)
+    finally:
+        engine_train.train_until_done_or_cancelled = run_loop
+    prof = held["prof"]
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-    return {"profile_table": table, "steps": summary["total_steps"], "train_seconds": summary["train_seconds"]}
+    breakdown = profile_breakdown(prof.key_averages(group_by_input_shape=True))
+    breakdown["wall_seconds"] = held["wall"]
+    return {"profile_table": table, "steps": summary["total_steps"], "real_tokens": summary["real_tokens"],
+            "breakdown": breakdown}
+
+
+def print_breakdown(result: dict, matmul_flops: float, n_params: int) -> None:
+    """Where the profiled loop's time goes, and what utilisation would be if only the matmuls took time."""
+    breakdown = result["breakdown"]
+    wall = breakdown["wall_seconds"]
+    parts = dict(breakdown["parts"])
+    parts["outside ops (Python)"] = {"seconds": max(wall - breakdown["total_seconds"], 0.0), "flops": 0.0}
+    print(f"\nTime of the training loop by part ({result['steps']} steps, {result['real_tokens']} real tokens, "
+          f"{wall:.1f} s with the profiler on; machine matmul {matmul_flops / 1e9:.1f} GFLOP/s):")
+    print(f"{'part':22} {'share':>6} {'seconds':>8} {'GFLOP':>8} {'GFLOP/s':>8} {'of matmul':>9}")
+    for name, part in parts.items():
+        rate = part["flops"] / part["seconds"] if part["flops"] and part["seconds"] else 0.0
+        cells = f"{part['flops'] / 1e9:8.1f} {rate / 1e9:8.1f} {rate / matmul_flops:9.0%}" if rate else ""
+        print(f"{name:22} {part['seconds'] / wall:6.1%} {part['seconds']:8.2f} {cells}")
+    counted = 4 * n_params * result["real_tokens"]
+    matmul_seconds = sum(parts[k]["seconds"] for k in ("projection matmuls", "LoRA matmuls"))
+    print(f"utilisation over the profiled loop: {counted / wall / matmul_flops:.1%}; if nothing but the matmuls "
+          f"took time, at their rates above: {counted / matmul_seconds / matmul_flops:.1%}")
 
 
 def _trl_rows(cfg: dict) -> list[dict]:
@@ -356,8 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     resolve_base_model(MODEL)  # convert the embedded model once, outside every measurement
     if args.profile:
         result = _spawn("loralab", {**cfg, "profile_steps": args.profile_steps})
-        print(result.get("profile_table") or result)
-        return 0 if "error" not in result else 1
+        if "error" in result:
+            print(result)
+            return 1
+        print(result["profile_table"])
+        print_breakdown(result, _matmul_flops(), _n_params())
+        return 0
 
     load_before = os.getloadavg()
     before = _matmul_flops()
