@@ -59,10 +59,13 @@ def token_lengths(cfg: dict) -> dict:
 
 
 def _measure(cfg: dict) -> dict:
+    from loralab.engine.hardware import allocator_env
+
     with tempfile.TemporaryDirectory(prefix="estimate-result-") as tmp:
         out = Path(tmp) / "summary.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg), "--worker-result", str(out)]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
+        env.update(allocator_env(env))  # the engine's process as the worker starts it (jemalloc when installed)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
             raise SystemExit(f"engine run failed ({proc.returncode}):\n{(proc.stderr or proc.stdout)[-3000:]}")
@@ -89,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(physical_cores())
     flops = measure_matmul_flops()
-    print(f"load average {os.getloadavg()[0]:.2f}; matmul {flops / 1e9:.1f} GFLOP/s fp32; steps {args.steps}")
+    from loralab.engine.hardware import allocator_env
+
+    preload = allocator_env().get("LD_PRELOAD")
+    print(f"load average {os.getloadavg()[0]:.2f}; matmul {flops / 1e9:.1f} GFLOP/s fp32; steps {args.steps}; "
+          f"engine allocator: {'jemalloc' if preload else 'glibc malloc'}")
     rows = []
     head = f"{'setting':<15} {'est MB':>8} {'meas MB':>8} {'err':>7} {'est tok/s':>10} {'meas tok/s':>10} {'err':>7}"
     print(head + "\n" + "-" * len(head))
