@@ -86,14 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from loralab.engine.estimate import estimate_for_spec, measure_matmul_flops
-    from loralab.engine.hardware import physical_cores
+    from loralab.engine.hardware import allocator_env, physical_cores
 
     import torch
 
     torch.set_num_threads(physical_cores())
     flops = measure_matmul_flops()
-    from loralab.engine.hardware import allocator_env
-
     preload = allocator_env().get("LD_PRELOAD")
     print(f"load average {os.getloadavg()[0]:.2f}; matmul {flops / 1e9:.1f} GFLOP/s fp32; steps {args.steps}; "
           f"engine allocator: {'jemalloc' if preload else 'glibc malloc'}")
