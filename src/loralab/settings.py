@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     max_job_seconds: float = Field(7 * 24 * 3600.0, gt=0, description=(
         "Wall-clock limit of one job attempt; a job running longer is stopped with a checkpoint and failed."))
     max_queued_jobs: int = Field(100, ge=1, description="Queued jobs allowed at once; more are refused (429).")
+    max_job_memory_bytes: int | None = Field(None, ge=1, description=(
+        "Largest estimated peak memory (with activation checkpointing) a job may need; more is refused (422). "
+        "Default: 4 x this host's RAM + GPU memory; set it when workers run on bigger hosts than the API."))
 
     @field_validator("api_token")
     @classmethod

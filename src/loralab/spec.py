@@ -1,7 +1,7 @@
 """The one schema: training, data and generation settings shared by the CLI, YAML, API and engine."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,14 +15,21 @@ DpoLossType = Literal["sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_h
 DPO_DEFAULTS = {"beta": 0.1, "loss_type": "sigmoid"}
 Strategy = Literal["none", "ddp", "fsdp", "deepspeed"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# Upper bounds: a job request is a resource claim on a shared worker, so every number has a ceiling.
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 10_000_000
+# Tokens of one optimizer step (batch x accumulation x sequence length): 16M, four times a large pre-training batch.
+MAX_TOKENS_PER_STEP = 2**24
+ModuleName = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and Infinity (which Python's json accepts) are refused: they would be stored and reach the engine.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataSpec(_Strict):
-    path: str = Field(description="Dataset file: JSONL, JSON array, CSV or Parquet (UTF-8).")
+    path: str = Field(max_length=4096, description="Dataset file: JSONL, JSON array, CSV or Parquet (UTF-8).")
     format: DataFormat = Field(
         "auto", description="Row layout; 'auto' detects alpaca, chat, sharegpt, text or preference."
     )
@@ -30,14 +37,14 @@ class DataSpec(_Strict):
         0.0, ge=0.0, lt=1.0,
         description="Fraction of rows held out for evaluation (0 = none). Seeded by `seed`.",
     )
-    max_rows: int | None = Field(None, ge=1, description="Use only the first N rows.")
+    max_rows: int | None = Field(None, ge=1, le=100_000_000, description="Use only the first N rows.")
 
 
 class LoraSpec(_Strict):
-    r: int = Field(8, ge=1, le=1024, description="LoRA rank: size of the low-rank update matrices.")
-    lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator; the update is scaled by lora_alpha / r.")
+    r: int = Field(8, ge=1, le=256, description="LoRA rank: size of the low-rank update matrices.")
+    lora_alpha: float = Field(16, gt=0, le=4096, description="LoRA scaling numerator; the update is scaled by lora_alpha / r.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input during training.")
-    target_modules: list[str] | str = Field(
+    target_modules: Annotated[list[ModuleName], Field(max_length=100)] | Annotated[str, Field(max_length=2000)] = Field(
         "all-linear",
         description="Modules that get LoRA: 'all-linear' or names such as q_proj,v_proj.",
     )
@@ -62,15 +69,15 @@ class DistributedSpec(_Strict):
         "none", description="'none' = one process; 'ddp' replicates the model; 'fsdp' or 'deepspeed' shard it."
     )
     nproc_per_node: int = Field(1, ge=1, le=64, description="Processes per host (usually one per GPU).")
-    nnodes: int = Field(1, ge=1, le=1024, description="Hosts taking part; each runs torchrun with its node_rank.")
-    node_rank: int = Field(0, ge=0, description="This host's index (0 .. nnodes-1); node 0 writes the run's files.")
+    nnodes: int = Field(1, ge=1, le=256, description="Hosts taking part; each runs torchrun with its node_rank.")
+    node_rank: int = Field(0, ge=0, le=255, description="This host's index (0 .. nnodes-1); node 0 writes the run's files.")
     master_addr: str = Field(
         "127.0.0.1", pattern=r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$",
         description="Host name or IP of node 0 (several hosts only).",
     )
     master_port: int = Field(29500, ge=1024, le=65535, description="TCP port on node 0 for the rendezvous (several hosts only).")
     config: str | None = Field(
-        None,
+        None, max_length=4096,
         description="FSDP or DeepSpeed config: a shipped name (fsdp, fsdp_offload, zero2, zero3_offload) or a "
         "JSON/YAML file; default fsdp for 'fsdp' and zero2 for 'deepspeed'.",
     )
@@ -95,7 +102,7 @@ class TrainSpec(_Strict):
     """Everything a fine-tuning run needs; stored as spec.json in its run directory."""
 
     base_model: str = Field(
-        EMBEDDED_MODEL,
+        EMBEDDED_MODEL, min_length=1, max_length=4096,
         description="Base model: 'smollm2-135m-instruct' (embedded), a Hugging Face id, a local model directory or a .gguf file.",
     )
     data: DataSpec
@@ -104,25 +111,25 @@ class TrainSpec(_Strict):
         "'full' trains every weight; 'dpo' trains LoRA adapters on preference pairs (TRL DPOTrainer).",
     )
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of AdamW.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate of AdamW.")
     num_train_epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training rows.")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1 = use epochs).")
-    per_device_train_batch_size: int = Field(4, ge=1, le=4096, description="Examples per step on each device.")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Steps whose gradients are summed before an update.")
+    max_steps: int = Field(-1, ge=-1, le=MAX_STEPS, description="Stop after this many optimizer steps (-1 = use epochs).")
+    per_device_train_batch_size: int = Field(4, ge=1, le=1024, description="Examples per step on each device.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Steps whose gradients are summed before an update.")
     max_seq_length: int = Field(512, ge=8, le=131072, description="Longer examples are truncated to this many tokens.")
-    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Steps of linear learning-rate warm-up.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule after warm-up."
     )
     weight_decay: float = Field(0.0, ge=0.0, lt=1.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(42, description="Random seed for data order, split and initialisation.")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient clipping norm.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Random seed for data order, split and initialisation.")
     packing: bool = Field(
         True,
         description="Padding-free batches: examples are concatenated with attention kept inside each one.",
     )
     micro_batch_tokens: int = Field(
-        0, ge=0,
+        0, ge=0, le=MAX_TOKENS_PER_STEP,
         description="Run each packed batch as pieces of whole examples of at most this many tokens to bound "
         "activation memory; the gradient is unchanged. 0 = automatic (512 on CPU, no split on GPU).",
     )
@@ -131,11 +138,11 @@ class TrainSpec(_Strict):
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="Recompute activations to save memory; 'auto' turns it on only when memory is short."
     )
-    logging_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
-    save_steps: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0 = only at the end and on cancel).")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept in the run directory.")
+    logging_steps: int = Field(1, ge=1, le=MAX_STEPS, description="Log metrics every N steps.")
+    save_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Write a resumable checkpoint every N steps (0 = only at the end and on cancel).")
+    save_total_limit: int = Field(2, ge=1, le=1000, description="Checkpoints kept in the run directory.")
     resume_from: str | None = Field(
-        None, description="Continue training from this adapter directory (PEFT format)."
+        None, max_length=4096, description="Continue training from this adapter directory (PEFT format)."
     )
     beta: float | None = Field(
         None, gt=0, le=100,
@@ -159,6 +166,10 @@ class TrainSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_method(self) -> "TrainSpec":
+        tokens = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.max_seq_length
+        if tokens > MAX_TOKENS_PER_STEP:
+            raise ValueError(f"per_device_train_batch_size x gradient_accumulation_steps x max_seq_length = {tokens:,} "
+                             f"tokens per optimizer step, above the limit of {MAX_TOKENS_PER_STEP:,}; lower one of them")
         if self.method == "full" and self.resume_from:
             raise ValueError("resume_from continues a LoRA adapter; it cannot be combined with method='full'")
         if self.method != "dpo":
@@ -177,8 +188,8 @@ class GenerateSpec(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy decoding; higher = more random.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens with this total probability.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=5.0, description="Above 1 discourages repeating tokens.")
-    seed: int | None = Field(None, description="Seed for sampling (greedy ignores it).")
-    stop: list[str] = Field(default_factory=list, description="Stop generating at any of these strings.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for sampling (greedy ignores it).")
+    stop: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=16, description="Stop generating at any of these strings.")
 
 
 class EvalSpec(_Strict):
@@ -189,13 +200,13 @@ class EvalSpec(_Strict):
     )
     base_model: str = Field(EMBEDDED_MODEL, description="Base model every adapter is applied to (and scored itself).")
     adapters: list[str] = Field(
-        default_factory=list, description="PEFT adapter directories compared with the base model, in order."
+        default_factory=list, max_length=64, description="PEFT adapter directories compared with the base model, in order."
     )
     data_path: str = Field(description="Rows with reference answers: any dataset format (chat, alpaca, text with "
                            "'回答:' / 'Answer:').")
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Upper bound on each generated answer (greedy).")
-    limit: int | None = Field(None, ge=1, description="Evaluate only the first N rows.")
-    seed: int = Field(0, description="Random seed (decoding is greedy; the seed fixes everything else).")
+    limit: int | None = Field(None, ge=1, le=100_000_000, description="Evaluate only the first N rows.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed (decoding is greedy; the seed fixes everything else).")
     embeddings: bool = Field(True, description="Score embedding similarity with all-MiniLM-L6-v2.")
     judge: bool = Field(False, description="Also grade answers 1-5 with the LLM judge set by LORALAB_JUDGE_URL "
                         "and LORALAB_JUDGE_MODEL.")

@@ -7,17 +7,26 @@ from service_fixtures import *  # noqa: E402,F401,F403  (shared service fixtures
 import pytest  # noqa: E402
 
 
+def local_client(app, **kwargs):
+    """A TestClient that talks to `app` as http(s)://127.0.0.1 (the server refuses other Host names)."""
+    from fastapi.testclient import TestClient
+
+    class LocalClient(TestClient):
+        def websocket_connect(self, url: str, *args, **kw):
+            return super().websocket_connect("ws://127.0.0.1" + url if url.startswith("/") else url, *args, **kw)
+
+    return LocalClient(app, base_url="http://127.0.0.1", **kwargs)
+
+
 @pytest.fixture
 def make_client(settings):
     """Build a TestClient over create_app(settings); tweak `settings` before calling it."""
-    from fastapi.testclient import TestClient
-
     from loralab.api.app import create_app
 
     clients = []
 
-    def make(**headers) -> TestClient:
-        client = TestClient(create_app(settings), headers=headers)
+    def make(**headers):
+        client = local_client(create_app(settings), headers=headers)
         client.__enter__()
         clients.append(client)
         return client

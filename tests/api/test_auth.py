@@ -8,7 +8,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocketDisconnect
 
 PUBLIC_GETS = {"/api/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0123456789"
 SAMPLE_PARAMS = {"job_id": "job-" + "a" * 24, "dataset_id": "ds-" + "a" * 24, "model_id": "ft-" + "a" * 24,
                  "topic_id": "tokens",
                  "test_id": "ab-" + "a" * 24, "generation_id": "gen-" + "a" * 24,
@@ -29,10 +29,20 @@ def concrete(path: str) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: SAMPLE_PARAMS[m.group(1)], path)
 
 
-@pytest.fixture
-def secured(make_client, settings):
+@pytest.fixture(params=["guarded", "routes_only"])
+def secured(request, make_client, settings):
+    """The app as served, and (defence in depth) its routes alone without the network guard's early check."""
     settings.api_token = TOKEN
-    return make_client()
+    settings.auth_failures_per_minute = 100_000  # this test guesses wrong on purpose, many times
+    client = make_client()
+    if request.param == "routes_only":
+        from loralab.api.app import create_app
+        from loralab.api.security import SecurityMiddleware
+
+        app = create_app(settings, services=client.app.state.services)
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not SecurityMiddleware]
+        return type(client)(app, base_url="http://127.0.0.1")
+    return client
 
 
 def test_every_mutating_and_data_route_needs_the_token(secured):

@@ -22,7 +22,7 @@ def test_upload_train_watch_register_generate(loralab_home, monkeypatch):
     monkeypatch.setenv("LORALAB_WORKER_POLL_SECONDS", "0.2")
     settings = get_settings()  # the real engine: no LORALAB_ENGINE_COMMAND
     assert settings.engine_command is None
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         data = (SAMPLES / "basic_qa.jsonl").read_bytes()
         dataset = client.post("/api/datasets/upload", files={"file": ("basic_qa.jsonl", data)}).json()
         job = client.post("/api/training/jobs", json={
@@ -35,7 +35,7 @@ def test_upload_train_watch_register_generate(loralab_home, monkeypatch):
         thread.start()
         try:
             events = []
-            with client.websocket_connect(f"/ws/training/{job['id']}") as ws:
+            with client.websocket_connect(f"ws://127.0.0.1/ws/training/{job['id']}") as ws:
                 while True:
                     try:
                         events.append(ws.receive_json())

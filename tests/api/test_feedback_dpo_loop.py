@@ -33,7 +33,7 @@ def test_feedback_corrections_train_a_dpo_model_that_prefers_them(loralab_home, 
     monkeypatch.setenv("LORALAB_HEARTBEAT_SECONDS", "1")
     monkeypatch.setenv("LORALAB_WORKER_POLL_SECONDS", "0.2")
     settings = get_settings()  # the real engine
-    with TestClient(create_app(settings, mount_web_ui=False)) as client:
+    with TestClient(create_app(settings, mount_web_ui=False), base_url="http://127.0.0.1") as client:
         # 1. users get answers from the base model and correct them
         served = {}
         for question, better in QUESTIONS:

@@ -33,7 +33,7 @@ def test_generate_rejects_bad_requests(client):
     assert client.post("/api/generate", json={"prompt": "x", "messages": []}).status_code == 422
     assert client.post("/api/generate", json={"prompt": "x", "temprature": 1}).status_code == 422
     outside = client.post("/api/generate", json={"base_model": "/etc", "prompt": "x"})
-    assert outside.status_code == 422 and outside.json()["code"] == "bad_path"
+    assert outside.status_code == 422 and outside.json()["code"] == "model_not_allowed"
     adapter = client.post("/api/generate", json={"adapter": "../../etc", "prompt": "x"})
     assert adapter.status_code == 422
     unknown = client.post("/api/generate", json={"model": "ft-" + "0" * 24, "prompt": "x"})

@@ -25,7 +25,7 @@ def test_job_request_is_validated(client, dataset_id):
     missing = client.post("/api/training/jobs", json={**ok, "dataset_id": "ds-" + "0" * 24})
     assert missing.status_code == 422 and missing.json()["param"] == "dataset_id"
     outside = client.post("/api/training/jobs", json={**ok, "base_model": "/etc"})
-    assert outside.status_code == 422 and outside.json()["code"] == "bad_path"
+    assert outside.status_code == 422 and outside.json()["code"] == "model_not_allowed"
     created = client.post("/api/training/jobs", json={**ok, "lora": {"r": 4}})
     assert created.status_code == 201
     job = created.json()

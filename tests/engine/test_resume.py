@@ -140,7 +140,7 @@ def test_resume_route_queues_a_continuation_of_a_failed_job(tmp_path, loralab_ho
     (ckpt / "trainer_state.json").write_text('{"global_step": 4}')
     (ckpt.parent / ".checkpoint-6.tmp").mkdir()  # killed while writing: not used
 
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         res = client.post(f"/api/training/jobs/{failed.id}/resume")
         assert res.status_code == 201, res.text
         body = res.json()

@@ -34,6 +34,7 @@ def test_estimate_for_dpo_counts_both_answers(tiny_model_dir, monkeypatch):
     import loralab.ui.train as page
 
     monkeypatch.setattr(page, "has_gpu", lambda svc: False)
+    monkeypatch.setattr(page, "model_path", lambda svc, name: name)  # the model policy is tested in tests/security
     spec = {"base_model": str(tiny_model_dir), "lora": {"r": 8}, "max_seq_length": 64,
             "per_device_train_batch_size": 4, "packing": True}
     texts = {m: page.estimate_text(None, {**spec, "method": m}, "en") for m in ("lora", "dpo")}

@@ -72,7 +72,7 @@ def test_mount_serves_ui_and_keeps_api(loralab_home):
     app = create_app(get_settings())
     if not any(isinstance(r, Mount) and r.path in ("", "/") for r in app.routes):
         mount_ui(app, app.state.services)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         page = client.get("/")
         assert page.status_code == 200 and "<html" in page.text
         assert client.get("/docs").status_code == 200
@@ -84,21 +84,32 @@ def test_mount_serves_ui_and_keeps_api(loralab_home):
 
 @pytest.mark.timeout(300)
 def test_ui_asks_for_the_api_token_when_one_is_configured(loralab_home, monkeypatch):
-    from fastapi import FastAPI
+    """The token is the UI password; the session cookie is never SameSite=None; a session lapses."""
     from fastapi.testclient import TestClient
 
-    from loralab.services.context import open_services
-    from loralab.ui import mount_ui
+    from loralab.api.app import create_app
+    from loralab.settings import get_settings
+    from loralab.ui.app import gradio_app_of
 
-    monkeypatch.setenv("LORALAB_API_TOKEN", "s3cret")
-    svc = open_services()
-    try:
-        app = mount_ui(FastAPI(), svc)
-        with TestClient(app) as client:
-            assert client.post("/login/", data={"username": "me", "password": "wrong"}).status_code >= 400
-            assert client.post("/login/", data={"username": "me", "password": "s3cret"}).status_code == 200
-    finally:
-        svc.close()
+    token = "s3cret-ui-token-0123456789"
+    monkeypatch.setenv("LORALAB_API_TOKEN", token)
+    monkeypatch.setenv("LORALAB_UI_SESSION_SECONDS", "3600")
+    app = create_app(get_settings())
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert client.get("/config").status_code == 401
+        assert client.post("/login/", data={"username": "me", "password": "wrong"}).status_code >= 400
+        login = client.post("/login/", data={"username": "me", "password": token})
+        assert login.status_code == 200
+        cookies = login.headers.get_list("set-cookie")
+        assert cookies and all("samesite=lax" in c.lower() and "httponly" in c.lower() for c in cookies)
+        assert not any("samesite=none" in c.lower() for c in cookies)
+        assert client.get("/config").status_code == 200  # logged in
+        sessions = gradio_app_of(app).tokens
+        assert sessions.seconds == 3600 and len(sessions) == 1
+        now = sessions.clock()
+        sessions.clock = lambda: now + 3601  # an hour later: the login has lapsed
+        assert client.get("/config").status_code == 401
+        assert len(sessions) == 0
 
 
 def test_monitor_links_a_finished_run_to_its_tracking(monkeypatch):

@@ -8,6 +8,7 @@ from typing import Any, Callable
 Record = dict[str, Any]
 
 LAYOUTS = ("alpaca", "chat", "sharegpt", "text", "preference")
+MAX_NESTING_DEPTH = 100  # lists and objects inside one row; real rows need fewer than 10
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -92,16 +93,35 @@ class _Row:
             return None
         return value
 
+    def json_cell(self, text: str, field: str, quiet: bool = False) -> Any:
+        """A CSV cell's JSON text decoded; None after recording bad_json (syntax errors only when not `quiet`)."""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if not quiet:
+                self.add(field, "bad_json", f"`{field}` holds invalid JSON text ({exc.msg} at character {exc.pos})")
+            return None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            self.add(field, "bad_json", f"`{field}` holds invalid JSON text ({clip(str(exc), 120)})")
+            return None
+        except RecursionError:
+            deep = True
+        else:
+            deep = too_deep(value)
+        if deep:
+            self.add(field, "bad_json", f"`{field}` holds JSON nested too deeply (more than {MAX_NESTING_DEPTH} "
+                     "levels of lists and objects); flatten it")
+            return None
+        return value
+
     def sequence(self, value: Any, field: str) -> list | None:
         """A non-empty list (CSV cells hold it as JSON text); None after recording why not."""
         if value is None:
             self.add(field, "missing_field", f"`{field}` is missing; add it as a list of turns")
             return None
         if self.tabular and isinstance(value, str) and value.strip()[:1] == "[":
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                self.add(field, "bad_json", f"`{field}` holds invalid JSON text ({exc.msg} at character {exc.pos})")
+            value = self.json_cell(value, field)
+            if value is None:
                 return None
         if not isinstance(value, list):
             self.add(field, "wrong_type", f"`{field}` must be a list, got {_type_name(value)} ({_preview(value)})")
@@ -241,10 +261,10 @@ def _text(row: dict, r: _Row) -> Record | None:
 
 
 def _preference(row: dict, r: _Row) -> Record | None:
-    chosen_raw = _tabular_turns(row.get("chosen"), r)
+    chosen_raw = _tabular_turns(row.get("chosen"), r, "chosen")
     prompt = _preference_prompt(row, r)
     chosen = _answer(chosen_raw, "chosen", r)
-    rejected = _answer(_tabular_turns(row.get("rejected"), r), "rejected", r)
+    rejected = _answer(_tabular_turns(row.get("rejected"), r, "rejected"), "rejected", r)
     if not any(k in row for k in ("prompt", "messages", "conversations")):
         if isinstance(chosen_raw, list) and len(chosen_raw) > 1:
             # TRL's implicit prompt: chosen/rejected are whole conversations sharing their first turns
@@ -278,13 +298,12 @@ def _preference_prompt(row: dict, r: _Row) -> list[dict[str, str]] | None:
     return None if turns is None else _prepend_system(row, turns, r)
 
 
-def _tabular_turns(value: Any, r: _Row) -> Any:
+def _tabular_turns(value: Any, r: _Row, field: str) -> Any:
     """In CSV cells, JSON text that holds a turn or a list of turns is decoded; any other text stays text."""
     if not (r.tabular and isinstance(value, str) and value.strip()[:1] in ("[", "{")):
         return value
-    try:
-        decoded = json.loads(value)
-    except json.JSONDecodeError:
+    decoded = r.json_cell(value, field, quiet=True)
+    if decoded is None:  # not JSON: plain answer text (a nesting problem has been recorded)
         return value
     items = decoded if isinstance(decoded, list) else [decoded]
     is_turn = all(isinstance(t, dict) and ({"from", "value"} <= set(t) or {"role", "content"} <= set(t)) for t in items)
@@ -315,7 +334,7 @@ _NORMALISERS: dict[str, Callable[[dict, _Row], Record | None]] = {
 
 
 def _keys(row: dict) -> str:
-    return ", ".join(map(str, list(row)[:12])) or "(none)"
+    return ", ".join(clip(str(key)) for key in list(row)[:12]) or "(none)"
 
 
 def _type_name(value: Any) -> str:
@@ -323,9 +342,58 @@ def _type_name(value: Any) -> str:
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _preview(value: Any, limit: int = 40) -> str:
-    text = json.dumps(value, ensure_ascii=False, default=str)
+def clip(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters for a message (names and values can be megabytes long)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def too_deep(value: Any, max_depth: int = MAX_NESTING_DEPTH) -> bool:
+    """Whether lists and objects nest deeper than `max_depth` (the value itself is level 1); no recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > max_depth:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    text = _sketch(value, limit + 1, 0)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _sketch(value: Any, budget: int, depth: int) -> str:
+    """JSON-like text of `value`, stopped after about `budget` characters (never walks the whole value)."""
+    if isinstance(value, str):
+        return json.dumps(value[:budget], ensure_ascii=False)
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int):
+        return str(value) if value.bit_length() < 256 else "(a very long number)"
+    if isinstance(value, (dict, list)):
+        opening, closing = ("{", "}") if isinstance(value, dict) else ("[", "]")
+        if depth >= 4:
+            return opening + "..." + closing
+        parts: list[str] = []
+        used = 1
+        pairs = value.items() if isinstance(value, dict) else ((None, item) for item in value)
+        for key, item in pairs:
+            if used >= budget:
+                parts.append("...")
+                break
+            text = _sketch(item, budget - used, depth + 1)
+            if key is not None:
+                text = json.dumps(str(key)[:budget], ensure_ascii=False) + ": " + text
+            parts.append(text)
+            used += len(text) + 2
+        return opening + ", ".join(parts) + closing
+    if isinstance(value, float):
+        return json.dumps(value)
+    return json.dumps(str(value)[:budget], ensure_ascii=False)  # Parquet dates, decimals, bytes
 
 
 def _turn_example(sharegpt: bool) -> str:

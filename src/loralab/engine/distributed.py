@@ -70,6 +70,20 @@ def launch_command(spec: Any, run_dir: Path | str, python: str | None = None,
     return [*cmd, "-m", module, str(run_dir)]
 
 
+def rendezvous_problem(spec: Any, allowed_hosts: list[str]) -> RuntimeProblem | None:
+    """A multi-node spec whose master_addr is not one of the operator's hosts (torchrun would connect anywhere)."""
+    d = (spec.get("distributed") or {}) if isinstance(spec, dict) else _distributed(spec).model_dump()
+    if int(d.get("nnodes") or 1) <= 1:
+        return None  # single node: torchrun --standalone, master_addr is not used
+    addr = str(d.get("master_addr") or "").strip().lower()
+    if addr in {h.strip().lower() for h in allowed_hosts if h.strip()}:
+        return None
+    hosts = ", ".join(allowed_hosts) if allowed_hosts else "none: only single-node jobs are allowed"
+    return RuntimeProblem("host_not_allowed", f"distributed.master_addr {addr!r} is not a rendezvous host this "
+                          f"server allows ({hosts}); use one of them, or ask the operator to add it to "
+                          "LORALAB_DISTRIBUTED_HOSTS", "distributed.master_addr")
+
+
 def exit_code_from_events(rc: int, seen: set[str]) -> int:
     """torchrun exits 1 whenever a rank exits non-zero; recover the engine's own code from its events."""
     from loralab.engine.run import EXIT_CANCELLED, EXIT_OK

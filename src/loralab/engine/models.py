@@ -72,24 +72,28 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
-def _converted_dir(gguf: Path, name: str) -> Path:
-    target = models_dir() / name
+def _converted_dir(gguf: Path, name: str, models_root: Path | None = None) -> Path:
+    target = (models_root or models_dir()) / name
     if not (target / "config.json").is_file():
         _convert_gguf(gguf, target)
     return target
 
 
-def resolve_base_model(name: str) -> ResolvedModel:
-    """Turn a --base-model value into something from_pretrained can load, converting GGUF once."""
+def resolve_base_model(name: str, *, hub: bool = True, models_root: Path | None = None) -> ResolvedModel:
+    """Turn a --base-model value into something from_pretrained can load, converting GGUF once.
+
+    `hub=False` never calls the Hugging Face hub (ids resolve from the local cache only); `models_root` is where
+    converted models live (default: the settings' LORALAB_HOME/models).
+    """
     if not name or not name.strip():
         raise ModelNotFoundError("base model name is empty")
     if name == EMBEDDED_MODEL:
-        return ResolvedModel(name, str(_converted_dir(embedded_gguf_path(), EMBEDDED_MODEL)))
+        return ResolvedModel(name, str(_converted_dir(embedded_gguf_path(), EMBEDDED_MODEL, models_root)))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
-        return ResolvedModel(name, str(_converted_dir(path.resolve(), "gguf-" + path.stem.lower())))
+        return ResolvedModel(name, str(_converted_dir(path.resolve(), "gguf-" + path.stem.lower(), models_root)))
     if path.is_dir():
         if (path / "config.json").is_file():
             return ResolvedModel(name, str(path.resolve()))
@@ -101,10 +105,35 @@ def resolve_base_model(name: str) -> ResolvedModel:
         raise ModelNotFoundError(f"{path} has no config.json: not a transformers model directory")
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
         raise ModelNotFoundError(f"local model path not found: {path}")
-    converted = models_dir() / name
+    converted = (models_root or models_dir()) / name
     if (converted / "config.json").is_file():
         return ResolvedModel(name, str(converted))
-    return ResolvedModel(name, _check_hub(name))
+    return ResolvedModel(name, _check_hub(name, local_files_only=not hub))
+
+
+# Files a hub snapshot needs: configs, tokenizer files and safetensors weights (never pickled weights).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def hub_snapshot(repo_id: str, *, local_files_only: bool) -> ResolvedModel:
+    """A hub model as a local directory (so nothing is looked up relative to the working directory);
+    `local_files_only` reads the local cache and never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=local_files_only)
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(f"model {repo_id!r} is not in the local Hugging Face cache") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"model {repo_id!r} is not a model repository on the Hugging Face hub") from None
+    except GatedRepoError:
+        raise ModelNotFoundError(f"model {repo_id!r} is gated on the hub: log in with `hf auth login`") from None
+    except (ValueError, OSError) as exc:  # malformed id, hub unreachable
+        raise ModelNotFoundError(f"model {repo_id!r} cannot be fetched from the hub: {type(exc).__name__}") from None
+    if not (Path(path) / "config.json").is_file():
+        raise ModelNotFoundError(f"model {repo_id!r} has no config.json: not a transformers model")
+    return ResolvedModel(repo_id, str(path))
 
 
 def _adapter_base(path: Path) -> str | None:
@@ -114,7 +143,7 @@ def _adapter_base(path: Path) -> str | None:
         return None
 
 
-def _check_hub(repo_id: str) -> str:
+def _check_hub(repo_id: str, local_files_only: bool = False) -> str:
     """Confirm a hub id exists (cache first), with an error that tells offline from unknown."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -125,7 +154,7 @@ def _check_hub(repo_id: str) -> str:
     )
 
     try:
-        hf_hub_download(repo_id, "config.json")
+        hf_hub_download(repo_id, "config.json", local_files_only=local_files_only)
         return repo_id
     except LocalEntryNotFoundError:  # subclass of EntryNotFoundError: check it first
         raise ModelNotFoundError(
@@ -143,17 +172,22 @@ def _check_hub(repo_id: str) -> str:
         raise ModelNotFoundError(f"{repo_id!r} is not a valid model name or path: {exc}") from None
 
 
-def load_tokenizer(name: str):
+def _resolved(name: "str | ResolvedModel") -> ResolvedModel:
+    return name if isinstance(name, ResolvedModel) else resolve_base_model(name)
+
+
+def load_tokenizer(name: "str | ResolvedModel"):
+    """The tokenizer of a base model (a name, or an already resolved model: then nothing is looked up again)."""
     from transformers import AutoTokenizer
 
-    resolved = resolve_base_model(name)
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    resolved = _resolved(name)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path, local_files_only=os.path.isdir(resolved.path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(name: str, dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):
+def load_model(name: "str | ResolvedModel", dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):
     """Load a base causal LM (fp32 on CPU unless a dtype is given); SDPA attention by default.
 
     Hub kernels stay off (`use_kernels=False`; transformers >= 5.25 turns them on when the `kernels`
@@ -163,9 +197,10 @@ def load_model(name: str, dtype=None, device: str = "cpu", attn_implementation: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    resolved = resolve_base_model(name)
+    resolved = _resolved(name)
     model = AutoModelForCausalLM.from_pretrained(
         resolved.path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, use_kernels=False,
+        local_files_only=os.path.isdir(resolved.path),
     )
     return model.to(device)
 

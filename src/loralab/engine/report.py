@@ -6,6 +6,7 @@ import csv
 import html
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -219,15 +220,34 @@ def _quote(text: str, lang: str = "en") -> str:
     return "\n".join("> " + line for line in (str(text) or empty).splitlines() or [empty])
 
 
-def render_markdown(summary: dict, results: list[dict], files: dict[str, str], lang: str = "en") -> str:
+def shown_path(path: str, display_root: Path | str | None) -> str:
+    """A path as a report shows it: relative to `display_root` (written LORALAB_HOME), never the server's own path."""
+    if not display_root:
+        return str(path)
+    root = str(display_root).rstrip("/")
+    text = str(path)
+    if text == root or text.startswith(root + "/"):
+        return "LORALAB_HOME" + text[len(root):]
+    if Path(text).is_absolute():
+        return Path(text).name  # outside the root: only the name
+    return text
+
+
+def _default_root() -> str | None:
+    return os.environ.get("LORALAB_HOME") or None
+
+
+def render_markdown(summary: dict, results: list[dict], files: dict[str, str], lang: str = "en",
+                    display_root: Path | str | None = None) -> str:
     """report.md: settings, aggregate table with improvement %, charts, best/worst examples, notes."""
     models = summary["models"]
     data = summary["data"]
     header = _header(summary, lang)
     out = [f"# {tr(lang, 'title')}", "",
-           f"- {tr(lang, 'base_model')}: `{summary['base_model']}`",
-           *[f"- {tr(lang, 'adapter')} `{a['name']}`: `{a['path']}`" for a in summary["adapters"]],
-           f"- {tr(lang, 'data')}: `{data['path']}` ("
+           f"- {tr(lang, 'base_model')}: `{shown_path(summary['base_model'], display_root)}`",
+           *[f"- {tr(lang, 'adapter')} `{a['name']}`: `{shown_path(a['path'], display_root)}`"
+             for a in summary["adapters"]],
+           f"- {tr(lang, 'data')}: `{shown_path(data['path'], display_root)}` ("
            + tr(lang, "data_detail", source=data["source"], format=data["format"], n=data["num_examples"]) + ")",
            "- " + tr(lang, "decoding", max_new_tokens=summary["settings"]["max_new_tokens"],
                      seed=summary["settings"]["seed"]),
@@ -305,7 +325,8 @@ def _html_pair(base_row: dict, tuned_row: dict | None, tuned: str | None, lang: 
     return f'<div class="example">{title}<div class="pair">{inner}</div></div>'
 
 
-def render_html(out_dir: Path, summary: dict, results: list[dict], files: dict[str, str], lang: str = "en") -> str:
+def render_html(out_dir: Path, summary: dict, results: list[dict], files: dict[str, str], lang: str = "en",
+                display_root: Path | str | None = None) -> str:
     """report.html: self-contained (inline CSS, charts as base64 PNG, no external fonts or scripts)."""
     e = html.escape
     models = summary["models"]
@@ -318,10 +339,10 @@ def render_html(out_dir: Path, summary: dict, results: list[dict], files: dict[s
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>loralab: {e(tr(lang, 'title'))}</title>", f"<style>{_CSS}</style></head><body>",
         f"<h1>{e(tr(lang, 'title'))}</h1>", "<ul>",
-        f"<li>{e(tr(lang, 'base_model'))}: <code>{e(summary['base_model'])}</code></li>",
-        *[f"<li>{e(tr(lang, 'adapter'))} <code>{e(a['name'])}</code>: <code>{e(a['path'])}</code></li>"
-          for a in summary["adapters"]],
-        f"<li>{e(tr(lang, 'data'))}: <code>{e(data['path'])}</code> ({e(detail)})</li>",
+        f"<li>{e(tr(lang, 'base_model'))}: <code>{e(shown_path(summary['base_model'], display_root))}</code></li>",
+        *[f"<li>{e(tr(lang, 'adapter'))} <code>{e(a['name'])}</code>: "
+          f"<code>{e(shown_path(a['path'], display_root))}</code></li>" for a in summary["adapters"]],
+        f"<li>{e(tr(lang, 'data'))}: <code>{e(shown_path(data['path'], display_root))}</code> ({e(detail)})</li>",
         "<li>" + e(tr(lang, "decoding", max_new_tokens=summary["settings"]["max_new_tokens"],
                       seed=summary["settings"]["seed"])) + "</li></ul>",
         *[f'<p class="warn">{e(tr(lang, "warning", message=w))}</p>' for w in summary["warnings"]],
@@ -354,11 +375,14 @@ def render_html(out_dir: Path, summary: dict, results: list[dict], files: dict[s
     return "\n".join(parts) + "\n"
 
 
-def write_reports(out_dir: Path, summary: dict, results: list[dict], lang: str = "en") -> dict[str, str]:
+def write_reports(out_dir: Path, summary: dict, results: list[dict], lang: str = "en",
+                  display_root: Path | str | None = None) -> dict[str, str]:
     """Write every report file into out_dir; returns {kind: file name} (also stored in summary['files']).
 
-    report.html and report.md are in `lang`; report.en.html and report.ja.html hold both languages.
+    report.html and report.md are in `lang`; report.en.html and report.ja.html hold both languages. Paths are
+    shown relative to `display_root` (default: LORALAB_HOME), so a shared report does not reveal server paths.
     """
+    display_root = display_root or _default_root()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lang = lang if lang in REPORT_LANGUAGES else "en"
@@ -376,8 +400,9 @@ def write_reports(out_dir: Path, summary: dict, results: list[dict], lang: str =
     summary["report_language"] = lang
     (out_dir / files["summary"]).write_text(json.dumps(summary, ensure_ascii=False, indent=2, default=str),
                                             encoding="utf-8")
-    (out_dir / files["markdown"]).write_text(render_markdown(summary, results, files, lang), encoding="utf-8")
-    pages = {code: render_html(out_dir, summary, results, files, code) for code in REPORT_LANGUAGES}
+    (out_dir / files["markdown"]).write_text(render_markdown(summary, results, files, lang, display_root),
+                                             encoding="utf-8")
+    pages = {code: render_html(out_dir, summary, results, files, code, display_root) for code in REPORT_LANGUAGES}
     for code, page in pages.items():
         (out_dir / files[f"html_{code}"]).write_text(page, encoding="utf-8")
     (out_dir / files["html"]).write_text(pages[lang], encoding="utf-8")

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 
-from loralab.engine.distributed import exit_code_from_events, uses_torchrun
+from loralab.engine.distributed import exit_code_from_events, rendezvous_problem, uses_torchrun
 from loralab.runner.queue import JobQueue
 from loralab.settings import Settings
 from loralab.store.errors import LeaseLost
@@ -40,16 +40,76 @@ def engine_command(settings: Settings, run_dir: Path, spec: dict[str, Any] | Non
     return [*base, str(run_dir)]
 
 
-def engine_env() -> dict[str, str]:
-    """The engine process's environment: this one, on jemalloc when it is installed (engine.hardware.allocator_env)."""
+# The engine child gets only what it needs from the worker's environment: never the API token, the database URL
+# or cloud credentials. Names kept as they are:
+ENV_NAMES = {
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "PYTHONPATH", "PYTHONHOME",
+    "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "LD_PRELOAD",
+    "MALLOC_CONF", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "USE_HUB_KERNELS",
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+    "LORALAB_HOME", "LORALAB_ALLOCATOR",
+}
+# ... and every name with one of these prefixes: locale, GPU runtimes, thread pools, Hugging Face (tokens excepted,
+# see HUB_TOKENS), experiment tracking (its keys are for the engine: it reports to MLflow/W&B itself).
+ENV_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "NCCL_", "TORCH_", "TORCHINDUCTOR_", "PYTORCH_", "TRITON_", "OMP_", "MKL_",
+                "KMP_", "OPENBLAS_", "GOMP_", "ROCM_", "HIP_", "HSA_", "GLOO_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_",
+                "TOKENIZERS_", "TENSORBOARD_", "MLFLOW_", "WANDB_")
+# Hub tokens go only to a job whose base model is a hub id (the one case where the engine downloads with them).
+HUB_TOKENS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
+# The judge's endpoint and key go only to an evaluation that asks for the judge.
+JUDGE_NAMES = ("LORALAB_JUDGE_URL", "LORALAB_JUDGE_MODEL", "LORALAB_JUDGE_API_KEY")
+
+
+def _needs_hub(spec: dict[str, Any]) -> bool:
+    name = str(spec.get("base_model") or "")
+    return "/" in name and not name.startswith(("/", ".", "~")) and not Path(name).exists()
+
+
+def engine_env(spec: dict[str, Any] | None = None, settings: Settings | None = None,
+               environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The engine process's environment: an allow-list of this one, on jemalloc when it is installed."""
     from loralab.engine.hardware import allocator_env
 
+    environ = dict(os.environ if environ is None else environ)
+    spec = spec or {}
+    env = {k: v for k, v in environ.items() if k in ENV_NAMES or k.startswith(ENV_PREFIXES)}
+    for name in HUB_TOKENS:
+        env.pop(name, None)
+        if name in environ and _needs_hub(spec):
+            env[name] = environ[name]
+    if spec.get("kind") == "evaluation" and spec.get("judge"):
+        env.update({k: environ[k] for k in JUDGE_NAMES if k in environ})
+        if settings is not None:  # settings given to the worker directly (not from the environment)
+            for field, name in zip(("judge_url", "judge_model", "judge_api_key"), JUDGE_NAMES):
+                if getattr(settings, field, None) and name not in env:
+                    env[name] = str(getattr(settings, field))
+    if settings is not None:
+        env["LORALAB_HOME"] = str(settings.home)
     try:
-        extra = allocator_env()
+        extra = allocator_env(environ)
     except ValueError as exc:
         log.warning("%s; the engine runs on the system allocator", exc)
         extra = {}
-    return {**os.environ, **extra}
+    return {**env, **extra}
+
+
+def shown_path(text: str, home: Path) -> str:
+    """`text` with the server's absolute home directory written as LORALAB_HOME (errors never show server paths)."""
+    for root in {str(home), str(Path(home).resolve())}:
+        if root and root != "/":
+            text = text.replace(root.rstrip("/"), "LORALAB_HOME")
+    return text
+
+
+def _shown(value: Any, home: Path) -> Any:
+    if isinstance(value, str):
+        return shown_path(value, home)
+    if isinstance(value, dict):
+        return {k: _shown(v, home) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shown(v, home) for v in value]
+    return value
 
 
 class EventTail:
@@ -139,6 +199,7 @@ class Supervisor:
         self.progress_dirty = False
         self.saw: set[str] = set()
         self.progress: dict[str, Any] = {}
+        self.timed_out = False
 
     def run(self) -> str:
         """Run the attempt; return the job's final status ('queued' when handed back on shutdown, 'lost' if fenced out)."""
@@ -157,13 +218,18 @@ class Supervisor:
                 fh.write(b"\n")
         tail = EventTail(events_path, self.repo.events_seen(self.claim.job_id))
         self.queue.heartbeat(self.claim, run_dir=str(self.run_dir))
+        problem = rendezvous_problem(self.claim.spec, self.settings.distributed_hosts)
+        if problem:  # a row written before this check existed at job creation, or settings changed since
+            return self._finish("failed", error=problem.to_dict(), event={"type": "error", **problem.to_dict()})
         try:
             self._spawn()
         except OSError as exc:
             return self._finish("failed", error={"code": "engine_not_started", "param": None,
-                                                 "message": f"could not start the engine: {exc}"})
+                                                 "message": shown_path(f"could not start the engine: {exc}",
+                                                                       self.settings.home)})
         self.queue.heartbeat(self.claim, child_pid=self.proc.pid)
         next_beat, kill_at, cancelling, db_down_since = 0.0, None, False, None
+        time_limit = time.monotonic() + self.settings.max_job_seconds
         while True:
             rc = self.proc.poll()
             self._store(tail.read())
@@ -184,7 +250,11 @@ class Supervisor:
                 log.warning("job %s: database unavailable (%s); retrying", self.claim.job_id, exc.__class__.__name__)
                 if now - db_down_since > self.settings.lease_seconds:
                     raise LeaseLost(f"database unreachable for more than {self.settings.lease_seconds}s") from exc
-            if self.stop.is_set() and not (cancelling or self.shutting_down):
+            if now >= time_limit and not (cancelling or self.shutting_down or self.timed_out):
+                # Over the wall-clock limit: SIGTERM makes the engine checkpoint, then the job fails (checkpoint kept).
+                self.timed_out, kill_at = True, now + self.settings.cancel_grace_seconds
+                self._kill(signal.SIGTERM)
+            if self.stop.is_set() and not (cancelling or self.shutting_down or self.timed_out):
                 self.shutting_down, kill_at = True, now + self.settings.cancel_grace_seconds
                 self._kill(signal.SIGTERM)
             if kill_at is not None and now >= kill_at:
@@ -212,7 +282,8 @@ class Supervisor:
         with open(self.run_dir / "stdout.log", "ab") as out, open(self.run_dir / "stderr.log", "ab") as err:
             # Own process group: cancel signals reach the engine and anything it forks (torchrun ranks).
             self.proc = subprocess.Popen(cmd, cwd=self.run_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         start_new_session=True, close_fds=True, env=engine_env())
+                                         start_new_session=True, close_fds=True,
+                                         env=engine_env(self.claim.spec, self.settings))
 
     def _kill(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -224,8 +295,9 @@ class Supervisor:
     def _store(self, events: list[tuple[int, dict[str, Any]]]) -> None:
         if not events:
             return
+        events = [(seq, _shown(event, self.settings.home)) for seq, event in events]
         for _, event in events:
-            if self.shutting_down and event.get("type") == "cancelled":
+            if (self.shutting_down or self.timed_out) and event.get("type") == "cancelled":
                 # Stopped because this worker shuts down, not by the user: the job goes on elsewhere.
                 event["type"] = "interrupted"
             self.saw.add(event.get("type"))
@@ -253,8 +325,15 @@ class Supervisor:
     def _outcome(self, rc: int, cancelling: bool, shutting_down: bool) -> str:
         if rc == EXIT_OK:
             return self._succeed()
+        if self.timed_out and not (rc == EXIT_ERROR and self.last_error):
+            limit = self.settings.max_job_seconds
+            error = {"code": "time_limit_exceeded", "param": None, "message": (
+                f"the job ran longer than its limit of {limit:g} s (LORALAB_MAX_JOB_SECONDS) and was stopped; "
+                f"its last checkpoint is kept in LORALAB_HOME/runs/{self.claim.job_id}/checkpoints: resume it, "
+                "or lower max_steps / num_train_epochs")}
+            return self._finish("failed", error=error, event={"type": "error", **error})
         if rc == EXIT_ERROR and self.last_error:
-            err = self.last_error
+            err = self.last_error  # already shown with LORALAB_HOME for absolute paths (see _store)
             return self._finish("failed", error={"code": err.get("code") or "engine_error",
                                                  "message": err.get("message") or "the engine reported an error",
                                                  "param": err.get("param")})
@@ -274,9 +353,10 @@ class Supervisor:
             self.notify(self.claim.job_id)
             return "queued"
         tail = stderr_tail(self.run_dir)
-        message = (f"the training process exited unexpectedly with code {rc}"
-                   + (" (killed by signal %d)" % -rc if rc < 0 else "")
-                   + f"; see {self.run_dir / 'stderr.log'}. Last output:\n{tail[-2000:]}")
+        message = shown_path(f"the training process exited unexpectedly with code {rc}"
+                             + (" (killed by signal %d)" % -rc if rc < 0 else "")
+                             + f"; see {self.run_dir / 'stderr.log'}. Last output:\n{tail[-2000:]}",
+                             self.settings.home)
         error = {"code": "engine_crashed", "message": message, "param": None}
         return self._finish("failed", error=error, event={"type": "error", **error})
 
@@ -287,7 +367,21 @@ class Supervisor:
         model_id = new_id("ft")
         target = contain(self.settings.home / "registry", model_id)
         try:
-            self._copy_artifacts(target)
+            try:
+                self._copy_artifacts(target)
+            except OSError as exc:  # disk full, permissions: fail now (not at the lease's end, then retrain)
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.rmtree(target.with_name(f".{target.name}.tmp"), ignore_errors=True)
+                reason = exc.strerror or exc.__class__.__name__
+                error = {"code": "registry_copy_failed", "param": None, "message": (
+                    f"training finished but its files could not be copied into the model registry ({reason}); "
+                    f"they are kept in LORALAB_HOME/runs/{self.claim.job_id}: free disk space (or fix permissions "
+                    "of LORALAB_HOME/registry) and run the job again")}
+                log.warning("job %s: registry copy failed: %s", self.claim.job_id, exc)
+                for _, event in self.pending:  # the engine's `done` is not the job's end any more: the error is
+                    if event.get("type") == "done":
+                        event.update(type="log", level="info", message="training finished")
+                return self._finish("failed", error=error, event={"type": "error", **error})
             spec = self.claim.spec
             model = dict(id=model_id, name=self.claim.model_name, base_model=spec.get("base_model", ""),
                          method=spec.get("method", "lora"), dataset_id=self.claim.dataset_id, job_id=self.claim.job_id,

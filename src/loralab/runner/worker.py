@@ -79,7 +79,7 @@ class WorkerPool:
 def serve_worker(settings: Settings | None = None) -> None:
     """Run one worker in this process until SIGTERM/SIGINT (what `loralab worker` calls)."""
     settings = settings or get_settings()
-    db = open_database(settings.resolved_database_url())
+    db = open_database(settings.resolved_database_url(), lease_seconds=settings.lease_seconds)
     worker = Worker(db, settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop.set())

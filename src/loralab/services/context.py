@@ -26,5 +26,5 @@ def open_services(settings: Settings | None = None, hub: EventHub | None = None)
     """Open the database named by the settings (migrating it) and return the services over it."""
     settings = settings or get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    db = open_database(settings.resolved_database_url())
+    db = open_database(settings.resolved_database_url(), lease_seconds=settings.lease_seconds)
     return Services(settings, db, Repo(db), hub or DEFAULT_HUB)

@@ -6,9 +6,10 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from loralab.services.context import Services
 from loralab.store.errors import Invalid, TooLarge
@@ -20,6 +21,8 @@ NAME_RE = re.compile(r"^[\w][\w .()-]{0,99}$")
 CANONICAL = {"alpaca": "chat", "chat": "chat", "sharegpt": "chat", "text": "text", "preference": "preference"}
 RECORDS_FILE = "records.jsonl"
 MAX_PROBLEMS = 100
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}  # per max_concurrent_uploads value: parses running at once
+_SLOTS_LOCK = threading.Lock()
 
 
 def dataset_dict(row: Dataset) -> dict[str, Any]:
@@ -34,49 +37,83 @@ def _default_name(filename: str) -> str:
     return stem[:100]
 
 
-def upload_dataset(svc: Services, data: bytes, filename: str, *, name: str | None = None,
+def upload_slots(limit: int) -> threading.BoundedSemaphore:
+    """The process-wide semaphore that lets at most `limit` uploads be read and parsed at once (others wait)."""
+    with _SLOTS_LOCK:
+        return _SLOTS.setdefault(limit, threading.BoundedSemaphore(limit))
+
+
+def upload_dataset(svc: Services, data: bytes | BinaryIO, filename: str, *, name: str | None = None,
                    format: str = "auto") -> dict[str, Any]:
-    """Validate `data` completely; only a clean file becomes a new dataset version (same name = next version)."""
-    from loralab.data.formats import FORMATS, load_records_from_bytes
+    """Validate `data` (bytes or a binary file) completely; only a clean file becomes a new dataset version.
+
+    The same name again is the next version. At most `max_concurrent_uploads` files are read and parsed at once,
+    since each can take several times its size in memory; more wait for a free slot.
+    """
+    from loralab.data.formats import FORMATS
 
     settings = svc.settings
-    if len(data) > settings.max_upload_bytes:
-        raise TooLarge(f"the file is {len(data)} bytes, more than the {settings.max_upload_bytes} allowed "
-                       "(LORALAB_MAX_UPLOAD_BYTES); split it or raise the limit", code="file_too_large",
-                       param="file")
     filename = Path(filename or "upload.jsonl").name
     name = (name or _default_name(filename)).strip()
     if not NAME_RE.match(name):
-        raise Invalid(f"dataset name {name!r} is not allowed: use up to 100 letters, digits, spaces, . _ ( ) -",
+        raise Invalid(f"dataset name {name[:120]!r} is not allowed: use up to 100 letters, digits, spaces, . _ ( ) -",
                       param="name")
     if format not in FORMATS:
-        raise Invalid(f"unknown format {format!r}; use one of {', '.join(FORMATS)}", param="format")
-    result = load_records_from_bytes(data, filename, format=format, row_limit=settings.max_rows)
+        raise Invalid(f"unknown format {format[:40]!r}; use one of {', '.join(FORMATS)}", param="format")
+    with upload_slots(settings.max_concurrent_uploads):
+        return _validate_and_store(svc, data, filename, name, format)
+
+
+def _validate_and_store(svc: Services, data: bytes | BinaryIO, filename: str, name: str,
+                        format: str) -> dict[str, Any]:
+    from loralab.data.formats import load_records_from_bytes
+
+    settings = svc.settings
+    if not isinstance(data, (bytes, bytearray)):
+        data = data.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise TooLarge(f"the file is more than the {settings.max_upload_bytes} bytes allowed "
+                       "(LORALAB_MAX_UPLOAD_BYTES); split it or raise the limit", code="file_too_large",
+                       param="file")
+    size_bytes, source_sha256 = len(data), hashlib.sha256(data).hexdigest()
+    result = load_records_from_bytes(data, filename, format=format, row_limit=settings.max_rows,
+                                     max_decoded_bytes=settings.max_decoded_bytes)
+    del data  # the caller may still hold it, but nothing here needs the raw bytes any more
+    problems = [p.to_dict() for p in result.problems]
+    too_large = next((p for p in problems if p["code"] == "too_large"), None)
+    if too_large is not None:
+        raise TooLarge(f"{filename} is too large once decoded: {too_large['message']} "
+                       "(or raise LORALAB_MAX_DECODED_BYTES on the server)", code="decoded_too_large",
+                       param="file", errors=[too_large])
     if not result.ok:
-        problems = [p.to_dict() for p in result.problems] or [
+        problems = problems or [
             {"line": 1, "field": "file", "code": "empty_file", "message": "no usable rows; add examples"}]
         first = problems[0]
         raise Invalid(f"{len(problems)} problem(s) in {filename}; first: line {first['line']}, {first['field']}: "
                       f"{first['message']}", code="invalid_dataset", errors=problems[:MAX_PROBLEMS])
-    return _store(svc, result, data, filename, name)
+    return _store(svc, result, size_bytes, source_sha256, filename, name)
 
 
-def _store(svc: Services, result, data: bytes, filename: str, name: str) -> dict[str, Any]:
+def _store(svc: Services, result, size_bytes: int, source_sha256: str, filename: str, name: str) -> dict[str, Any]:
     dataset_id = new_id("ds")
     root = svc.settings.home / "datasets"
     target = contain(root, dataset_id)
     tmp = contain(root, f".{dataset_id}.tmp")
     tmp.mkdir(parents=True)
     try:
-        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records).encode("utf-8")
-        (tmp / RECORDS_FILE).write_bytes(body)
+        digest = hashlib.sha256()
+        with open(tmp / RECORDS_FILE, "wb") as out:  # one record at a time: no second copy of the dataset
+            for record in result.records:
+                line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+                digest.update(line)
+                out.write(line)
         os.replace(tmp, target)
         row = svc.repo.add_dataset(
             id=dataset_id, name=name, format=result.format, rows=len(result.records),
-            sha256=hashlib.sha256(body).hexdigest(), size_bytes=len(data), filename=filename[:300],
+            sha256=digest.hexdigest(), size_bytes=size_bytes, filename=filename[:300],
             path=str(target / RECORDS_FILE),
             stats={**_record_stats(result.records), "canonical_format": CANONICAL.get(result.format, "chat"),
-                   "source_sha256": hashlib.sha256(data).hexdigest()})
+                   "source_sha256": source_sha256})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)
@@ -138,13 +175,10 @@ def dataset_stats(svc: Services, dataset_id: str, base_model: str | None = None,
     key = f"{base_model}|{max_seq_length or ''}"
     cached = (row.stats or {}).get("token_lengths", {}).get(key)
     if cached is None:
-        from loralab.data.template import encode_dataset, ensure_chat_template, token_stats
-        from loralab.engine.models import ModelNotFoundError, load_tokenizer
+        from loralab.data.template import encode_dataset, token_stats
+        from loralab.services import base_models
 
-        try:
-            tokenizer = ensure_chat_template(load_tokenizer(base_model))
-        except ModelNotFoundError as exc:
-            raise Invalid(str(exc), code="model_not_found", param="base_model") from None
+        tokenizer = base_models.tokenizer(svc, base_model, private=True)  # the server's model policy, bounded load
         with open(dataset_file(svc, row), encoding="utf-8") as fh:
             records = [json.loads(line) for line in fh]
         cached = token_stats(encode_dataset(records, tokenizer, max_seq_length), max_seq_length)

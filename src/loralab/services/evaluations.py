@@ -53,8 +53,8 @@ class CompareRequest(EvalOptions):
         min_length=2, max_length=9, description="Models to compare: fine-tuned ids (ft-...) and at most one base "
         "model name; every fine-tuned model must share that base.")
     wait: bool = Field(False, description="Answer when the evaluation has finished (200) instead of at once (202).")
-    timeout_seconds: float = Field(600, gt=0, le=3600, description="With wait: give up waiting after this long "
-                                   "(the evaluation goes on; poll GET /api/evaluations/{id}).")
+    timeout_seconds: float = Field(600, gt=0, le=3600, description="With wait: give up waiting after this long, "
+                                   "at most 600 s (the evaluation goes on; poll GET /api/evaluations/{id}).")
 
     @field_validator("models")
     @classmethod
@@ -289,9 +289,25 @@ def cancel_evaluation(svc: Services, evaluation_id: str) -> dict[str, Any]:
     return get_evaluation(svc, evaluation_id)
 
 
+MAX_WAIT_SECONDS = 600.0  # longest a compare request with wait=true is kept open
+
+
+async def wait_for_evaluation_async(svc: Services, evaluation_id: str, timeout_seconds: float) -> dict[str, Any]:
+    """Wait (holding no thread) until the evaluation is finished or `timeout_seconds` (at most 600) passed."""
+    from starlette.concurrency import run_in_threadpool
+
+    deadline = time.monotonic() + min(timeout_seconds, MAX_WAIT_SECONDS)
+    while True:
+        row = await run_in_threadpool(store.get_evaluation_job, svc.repo, evaluation_id)
+        left = deadline - time.monotonic()
+        if row.status in TERMINAL or left <= 0:
+            return await run_in_threadpool(evaluation_dict, svc, row)
+        await svc.hub.wait(evaluation_id, min(left, svc.settings.event_poll_seconds))
+
+
 def wait_for_evaluation(svc: Services, evaluation_id: str, timeout_seconds: float) -> dict[str, Any]:
-    """Block until the evaluation is finished or `timeout_seconds` passed; return its current view."""
-    deadline = time.monotonic() + timeout_seconds
+    """Block until the evaluation is finished or `timeout_seconds` (at most 600) passed; return its current view."""
+    deadline = time.monotonic() + min(timeout_seconds, MAX_WAIT_SECONDS)
     while True:
         row = store.get_evaluation_job(svc.repo, evaluation_id)
         left = deadline - time.monotonic()

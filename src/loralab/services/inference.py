@@ -8,7 +8,7 @@ import random
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,30 @@ class Stream:
     def result(self) -> list[Completion]:
         """Wait for every choice; completions ordered by index."""
         return sorted((e for e in self if isinstance(e, Completion)), key=lambda c: c.index)
+
+    async def aiter(self) -> AsyncIterator[Piece | Completion]:
+        """The same events for async callers: polls the queue, so no thread waits while rows are generated."""
+        import asyncio
+
+        delay = 0.001
+        while self._left:
+            try:
+                item = self._out.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+                continue
+            delay = 0.001
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            if isinstance(item, Completion):
+                self._left -= 1
+            yield item
+
+    async def aresult(self) -> list[Completion]:
+        """result() without holding a thread."""
+        return sorted([e async for e in self.aiter() if isinstance(e, Completion)], key=lambda c: c.index)
 
     def close(self) -> None:
         """Stop generating (the client went away); the worker drops the rows at its next step."""
@@ -460,11 +484,20 @@ class InferenceEngine:
         self._workers: OrderedDict[str, BaseWorker] = OrderedDict()
         self._loading: dict[str, threading.Lock] = {}
 
-    def worker(self, base: str) -> BaseWorker:
-        """The worker of a base model, loading it (once, in the caller's thread) when it is not loaded."""
+    def loaded(self, key: str) -> BaseWorker | None:
+        """The worker of an already resolved model path if it is loaded (never loads)."""
+        with self._lock:
+            worker = self._workers.get(key)
+            if worker is not None:
+                self._workers.move_to_end(key)
+            return worker
+
+    def worker(self, base: str, *, resolved: bool = False) -> BaseWorker:
+        """The worker of a base model, loading it (once, in the caller's thread) when it is not loaded.
+        `resolved=True`: `base` is already a loadable local directory (the server's policy resolved it)."""
         from loralab.engine.models import resolve_base_model
 
-        key = resolve_base_model(base).path
+        key = base if resolved else resolve_base_model(base).path
         with self._lock:
             if key in self._workers:
                 self._workers.move_to_end(key)

@@ -11,10 +11,19 @@ from pydantic import Field
 from loralab.services.context import Services
 from loralab.services.datasets import dataset_file
 from loralab.spec import DataSpec, TrainSpec, _Strict
-from loralab.store.errors import Invalid, NotFound
+from loralab.store.errors import Invalid, LoralabError, NotFound
 from loralab.store.models import Job, JobEvent
 from loralab.store.paths import ID_PATTERNS, contain
 from loralab.store.repo import TERMINAL, TERMINAL_EVENTS
+
+# A job whose estimated peak memory is above this many times the largest memory known to this host is refused
+# (workers may run on bigger hosts than the API: set LORALAB_MAX_JOB_MEMORY_BYTES then).
+MEMORY_MARGIN = 4
+
+
+class QueueFull(LoralabError):
+    status, code = 429, "queue_full"
+
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,99}$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -38,19 +47,10 @@ class CreateJobRequest(TrainSpec):
 
 
 def check_base_model(svc: Services, name: str) -> str:
-    """Accept the embedded model, a model under LORALAB_HOME/models or a hub id; never an arbitrary server path."""
-    from loralab.spec import EMBEDDED_MODEL
+    """Accept the embedded model, a model under LORALAB_HOME/models or an allowed hub id; never an arbitrary server path."""
+    from loralab.services.base_models import check_base_model as allowed_base_model
 
-    models_root = svc.settings.models_dir
-    plain = ID_PATTERNS["base_model"].fullmatch(name) or HUB_ID_RE.fullmatch(name)
-    if name == EMBEDDED_MODEL or plain and not name.endswith(".gguf") and not (models_root / name).exists():
-        return name  # resolved by the worker: a converted model of that name or a hub id
-    path = contain(models_root, name)  # a directory or .gguf file; absolute paths must lie inside too
-    if not path.exists():
-        raise Invalid(f"base model {name!r} not found: use {EMBEDDED_MODEL}, a Hugging Face id (org/name) or a "
-                      f"model directory or .gguf file inside {models_root}", code="model_not_found",
-                      param="base_model")
-    return str(path)
+    return allowed_base_model(svc, name)
 
 
 def check_method_fits_data(method: str, dataset) -> None:
@@ -66,12 +66,15 @@ def check_method_fits_data(method: str, dataset) -> None:
                       code="wrong_dataset_format", param="method")
 
 
-def _check_runtime(spec: TrainSpec) -> None:
+def _check_runtime(svc: Services, spec: TrainSpec) -> None:
     """Refuse at validation what this machine cannot run (QLoRA without CUDA, an unknown parallel config...)."""
-    from loralab.engine.distributed import SHIPPED_CONFIGS, check_runtime
+    from loralab.engine.distributed import SHIPPED_CONFIGS, check_runtime, rendezvous_problem
 
     if spec.distributed.config and spec.distributed.config not in SHIPPED_CONFIGS:
         raise Invalid(f"distributed.config must be one of {', '.join(SHIPPED_CONFIGS)}", param="distributed.config")
+    problem = rendezvous_problem(spec, svc.settings.distributed_hosts)
+    if problem:
+        raise Invalid(problem.message, code=problem.code, param=problem.param)
     problems = check_runtime(spec)
     if problems:
         raise Invalid(problems[0].message, code=problems[0].code, param=problems[0].param)
@@ -80,6 +83,8 @@ def _check_runtime(spec: TrainSpec) -> None:
 def create_job(svc: Services, request: CreateJobRequest | dict[str, Any]) -> dict[str, Any]:
     """Validate a job request and queue it; the API only inserts the row, a worker runs it."""
     spec, dataset, model_name = _job_spec(svc, request)
+    check_queue_room(svc)
+    check_memory(svc, spec)
     job = svc.repo.create_job(spec.model_dump(mode="json"), dataset.id, model_name)
     if not Path(spec.data.path).is_file():
         job = svc.repo.set_status(job.id, "failed", error={
@@ -89,6 +94,59 @@ def create_job(svc: Services, request: CreateJobRequest | dict[str, Any]) -> dic
         job = svc.repo.set_status(job.id, "queued")
     svc.hub.publish(job.id)
     return job_dict(job)
+
+
+def check_queue_room(svc: Services) -> None:
+    """429 when `max_queued_jobs` jobs wait already (one global cap: there is one API token, no per-user identity)."""
+    waiting = svc.repo.count_waiting_jobs()
+    if waiting >= svc.settings.max_queued_jobs:
+        raise QueueFull(f"the queue is full: {waiting} jobs are waiting (LORALAB_MAX_QUEUED_JOBS="
+                        f"{svc.settings.max_queued_jobs}); wait for some to finish or cancel some, then retry")
+
+
+def memory_limit_bytes(svc: Services) -> int:
+    """The largest estimated peak a job may have: the setting, else MEMORY_MARGIN x this host's RAM + GPU memory."""
+    if svc.settings.max_job_memory_bytes:
+        return svc.settings.max_job_memory_bytes
+    import psutil
+
+    known = psutil.virtual_memory().total
+    import sys
+
+    torch = sys.modules.get("torch")  # GPUs counted only when torch is loaded already (no import for this)
+    if torch is not None and torch.cuda.is_available():
+        known += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    return MEMORY_MARGIN * known
+
+
+def _local_config_dir(svc: Services, base_model: str) -> Path | None:
+    """The base model's directory when its config is on this host already (no conversion, no hub request)."""
+    candidate = Path(base_model) if Path(base_model).is_absolute() else svc.settings.models_dir / base_model
+    return candidate if (candidate / "config.json").is_file() else None
+
+
+def check_memory(svc: Services, spec: TrainSpec) -> None:
+    """Refuse a job whose estimated peak memory (with checkpointing, the least it can use) is far above any worker.
+
+    The estimate needs the base model's config on this host; when it is not (a hub id not downloaded yet) or the
+    estimate fails, the job is queued and the engine's own checks apply.
+    """
+    config_dir = _local_config_dir(svc, spec.base_model)
+    if config_dir is None:
+        return
+    from loralab.engine.estimate import estimate_for_spec
+
+    least = spec.model_copy(update={"base_model": str(config_dir), "gradient_checkpointing": "on"})
+    try:
+        peak = estimate_for_spec(least, tokens=None, measure=False)["peak_memory_bytes"]
+    except Exception:  # an estimate is advice; a model it cannot read is the engine's to report
+        return
+    limit = memory_limit_bytes(svc)
+    if peak > limit:
+        raise Invalid(f"this job needs about {peak / 2**30:.1f} GiB even with gradient checkpointing, far more "
+                      f"than the {limit / 2**30:.1f} GiB allowed (LORALAB_MAX_JOB_MEMORY_BYTES); lower "
+                      "per_device_train_batch_size, max_seq_length or lora.r, or set micro_batch_tokens",
+                      code="job_too_large", param="per_device_train_batch_size")
 
 
 def estimate_job(svc: Services, request: CreateJobRequest | dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +192,7 @@ def _job_spec(svc: Services, request: CreateJobRequest | dict[str, Any]):
     spec = TrainSpec(base_model=base_model, resume_from=resume_from,
                      data=DataSpec(path=str(dataset_file(svc, dataset)), format=dataset.stats.get(
                          "canonical_format", "auto"), **request.data.model_dump()), **fields)
-    _check_runtime(spec)
+    _check_runtime(svc, spec)
     return spec, dataset, model_name
 
 

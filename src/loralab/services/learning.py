@@ -250,38 +250,34 @@ def get_progress(svc: Services, user: str | None = None, lang: str = "en") -> di
 
 # ---- tools: tokenizer view and LoRA calculator ---------------------------------------------------------------------
 
-@lru_cache(maxsize=4)
-def _tokenizer(name: str):
-    from loralab.engine.models import load_tokenizer
-
-    return load_tokenizer(name)
-
-
 def _base(svc: Services, base_model: str | None) -> str:
-    from loralab.services.jobs import check_base_model
-    from loralab.spec import EMBEDDED_MODEL
+    from loralab.services.base_models import check_base_model
 
-    return check_base_model(svc, (base_model or EMBEDDED_MODEL).strip())
+    return check_base_model(svc, base_model)
 
 
-def tokenize(svc: Services, text: str, base_model: str | None = None) -> dict[str, Any]:
-    """The real tokens of `text` with a base model's tokenizer: id, token string and the text each one decodes to."""
-    from loralab.engine.models import ModelNotFoundError
-
+def check_text(text: Any) -> str:
+    """The tokenizer view's text: non-empty, at most 5000 characters (checked before any model is loaded)."""
     if not isinstance(text, str) or not text:
         raise Invalid("text is empty: type something to tokenize", param="text")
     if len(text) > 5000:
         raise Invalid(f"text has {len(text)} characters; the tokenizer view takes at most 5000", param="text")
-    name = _base(svc, base_model)
-    try:
-        tokenizer = _tokenizer(name)
-    except (ModelNotFoundError, OSError, ValueError) as exc:
-        raise Invalid(f"cannot load the tokenizer of {base_model!r}: {exc}", code="model_not_found",
-                      param="base_model") from None
+    return text
+
+
+def tokenize(svc: Services, text: str, base_model: str | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """The real tokens of `text` with a base model's tokenizer: id, token string and the text each one decodes to.
+    `tokenizer`: already loaded (async routes load it with base_models.tokenizer_async)."""
+    from loralab.services import base_models
+    from loralab.spec import EMBEDDED_MODEL
+
+    check_text(text)
+    if tokenizer is None:
+        tokenizer = base_models.tokenizer(svc, base_model)  # policy check, cached, bounded load with a timeout
     ids = tokenizer.encode(text, add_special_tokens=False)
     tokens = token_pieces(tokenizer, ids)
-    return {"base_model": base_model or name, "characters": len(text), "bytes": len(text.encode("utf-8")),
-            "count": len(ids), "tokens": tokens, "vocab_size": len(tokenizer)}
+    return {"base_model": (base_model or "").strip() or EMBEDDED_MODEL, "characters": len(text),
+            "bytes": len(text.encode("utf-8")), "count": len(ids), "tokens": tokens, "vocab_size": len(tokenizer)}
 
 
 @lru_cache(maxsize=1)
@@ -328,9 +324,12 @@ def calculate(svc: Services, user: str | None, base_model: str | None = None, r:
     alpha = float(2 * r if lora_alpha is None else lora_alpha)
     if alpha <= 0:
         raise Invalid(f"lora_alpha must be positive, got {lora_alpha!r}", param="lora_alpha")
+    from loralab.services import base_models
+
     name = _base(svc, base_model)
+    path = base_models.wait_load(svc, ("resolve", name), lambda: base_models.resolve(svc, name).path)
     try:
-        result = estimate_lora(name, r=r, target_modules=target_modules)
+        result = estimate_lora(path, r=r, target_modules=target_modules)
     except CalculatorError as exc:
         param = "target_modules" if "target" in str(exc) else "base_model"
         raise Invalid(str(exc), param=param) from None

@@ -90,14 +90,34 @@ def deployment_history(svc: Services, model_id: str) -> list[dict[str, Any]]:
 
 
 def delete_model(svc: Services, model_id: str) -> dict[str, Any]:
-    """Delete a fine-tuned version and its files; the deployed version and base models are refused."""
+    """Delete a fine-tuned version and its files; refused for base models, the version its name serves, and one
+    an active evaluation, training job (resume_from) or A/B test uses (409 model_in_use naming them)."""
     if not ID_PATTERNS["model"].fullmatch(model_id):
         get_model(svc, model_id)  # 404 for unknown names
         raise Conflict(f"{model_id} is a base model; only fine-tuned versions are deleted here",
                        code="base_model")
-    row = svc.repo.delete_model(model_id)
+    row = svc.repo.delete_model(check_id("model", model_id), used_by=_ab_tests_serving(svc, model_id))
     shutil.rmtree(_files(svc, row), ignore_errors=True)
     return {"id": row.id, "deleted": True}
+
+
+def _ab_tests_serving(svc: Services, model_id: str) -> tuple[str, ...]:
+    """Active A/B tests with an arm that resolves to this version (by name, `name:N`, `name:<stage>`, ...)."""
+    from loralab.services.errors import LoralabError
+    from loralab.services.serving import resolve_served_model
+    from loralab.store.feedback import FeedbackStore
+
+    users = []
+    for test in FeedbackStore(svc.db).list_ab_tests("active"):
+        for ref in (test.model_a, test.model_b):
+            try:
+                served = resolve_served_model(svc, ref)[2]
+            except LoralabError:
+                continue
+            if served == model_id:
+                users.append(test.id)
+                break
+    return tuple(users)
 
 
 def deployed_version(svc: Services, name: str) -> ModelVersion | None:

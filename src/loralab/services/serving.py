@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loralab.services import registry
 from loralab.services.context import Services
@@ -24,11 +24,17 @@ log = logging.getLogger(__name__)
 AB_PREFIX = "ab:"  # `model: "ab:<name>"` is routed by the active A/B test of that name
 
 
+MAX_MESSAGES = 256  # chat turns in one request
+MAX_TEXT_CHARS = 200_000  # characters of one message or prompt (the model's context is far smaller anyway)
+MAX_STOPS = 4  # stop strings, as OpenAI allows
+MAX_STOP_CHARS = 256
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class GenerateRequest(GenerateSpec):
@@ -37,11 +43,19 @@ class GenerateRequest(GenerateSpec):
     model: str | None = Field(None, description="Fine-tuned model id (ft-…), a deployed model name, or a base model.")
     base_model: str | None = Field(None, description="Base model when no `model` is given (default: embedded).")
     adapter: str | None = Field(None, description="Fine-tuned model id whose adapter goes on `base_model`.")
-    prompt: str | None = Field(None, description="Raw prompt text (no chat template).")
-    messages: list[Message] | None = Field(None, description="Chat turns; the model's chat template is applied.")
+    prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS, description="Raw prompt text (no chat template).")
+    messages: list[Message] | None = Field(None, max_length=MAX_MESSAGES,
+                                           description="Chat turns; the model's chat template is applied.")
     stream: bool = Field(False, description="Stream text pieces as server-sent events.")
     user: str | None = Field(None, max_length=200, description="User or session id: keeps an A/B test's arm "
                                                                "sticky and is stored with the generation.")
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: list[str]) -> list[str]:
+        if len(value) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in value):
+            raise ValueError(f"give at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
+        return value
 
     @model_validator(mode="after")
     def _one_input(self) -> "GenerateRequest":
@@ -85,13 +99,9 @@ def _version_target(svc: Services, row) -> tuple[str, str | None, str]:
 
 
 def _worker(svc: Services, base: str):
-    from loralab.engine.models import ModelNotFoundError
-    from loralab.services.inference import get_engine
+    from loralab.services import base_models
 
-    try:
-        return get_engine(svc.settings.generate_cache_size).worker(base)
-    except ModelNotFoundError as exc:
-        raise Invalid(str(exc), code="model_not_found", param="model") from None
+    return base_models.worker(svc, base)
 
 
 def open_stream(svc: Services, base: str, adapter: str | None, inputs: list[dict[str, Any]],
@@ -126,14 +136,19 @@ def _sampling(spec: GenerateSpec) -> Sampling:
                     stop=tuple(spec.stop), repetition_penalty=spec.repetition_penalty)
 
 
-def _open(svc: Services, request: GenerateRequest, source: str = "api",
-          subject: str | None = None) -> tuple[Stream, "Recorder"]:
+def target_of(svc: Services, request: GenerateRequest, subject: str | None = None) -> "Target":
+    """Where a generate request goes (A/B arm, fine-tuned version or allowed base); nothing is loaded yet."""
     subject = request.user or subject
     if request.model and request.model.startswith(AB_PREFIX):
-        target = route_model(svc, request.model, subject)
-    else:
-        base, adapter, label = resolve_target(svc, request)
-        target = Target(base, adapter, label, request.model or label, subject=subject)
+        return route_model(svc, request.model, subject)
+    base, adapter, label = resolve_target(svc, request)
+    return Target(base, adapter, label, request.model or label, subject=subject)
+
+
+def _open(svc: Services, request: GenerateRequest, source: str = "api",
+          subject: str | None = None, target: "Target | None" = None) -> tuple[Stream, "Recorder"]:
+    if target is None:
+        target = target_of(svc, request, subject)
     inputs = [_inputs(request)]
     stream = open_stream(svc, target.base, target.adapter, inputs, _sampling(request.sampling()))
     return stream, Recorder(svc, target, source, inputs)
@@ -154,6 +169,37 @@ def generate_text(svc: Services, request: GenerateRequest, subject: str | None =
     return {"id": recorder.id, "model": recorder.target.label, "text": first.text,
             "prompt_tokens": first.prompt_tokens, "completion_tokens": first.completion_tokens,
             "finish_reason": first.finish_reason, **recorder.ab_fields()}
+
+
+async def generate_text_async(svc: Services, request: GenerateRequest, subject: str | None = None,
+                              client: str | None = None) -> dict[str, Any]:
+    """generate_text for async routes: the model loads on the bounded executor and no thread waits for tokens."""
+    from starlette.concurrency import run_in_threadpool
+
+    from loralab.services import base_models
+
+    target = await run_in_threadpool(target_of, svc, request, subject)
+    await base_models.worker_async(svc, target.base, client)
+    stream, recorder = await run_in_threadpool(_open, svc, request, "api", subject, target)
+    done = await stream.aresult()
+    await run_in_threadpool(recorder.finish, stream, done)
+    first = done[0]
+    return {"id": recorder.id, "model": recorder.target.label, "text": first.text,
+            "prompt_tokens": first.prompt_tokens, "completion_tokens": first.completion_tokens,
+            "finish_reason": first.finish_reason, **recorder.ab_fields()}
+
+
+async def stream_text_async(svc: Services, request: GenerateRequest, source: str = "api",
+                            subject: str | None = None, client: str | None = None) -> "TextStream":
+    """stream_text for async routes (iterate it with `async for piece in stream.aiter()`)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from loralab.services import base_models
+
+    target = await run_in_threadpool(target_of, svc, request, subject)
+    await base_models.worker_async(svc, target.base, client)
+    stream, recorder = await run_in_threadpool(_open, svc, request, source, subject, target)
+    return await run_in_threadpool(TextStream, stream, recorder)  # records the open stream (a database write)
 
 
 class TextStream:
@@ -177,6 +223,26 @@ class TextStream:
         finally:
             self._stream.close()
             self.recorder.finish(self._stream, completions, interrupted=True)  # no-op after a normal end
+
+    async def aiter(self):
+        """The text pieces for async callers (no thread waits between pieces)."""
+        completions: list[Completion] = []
+        try:
+            async for event in self._stream.aiter():
+                if isinstance(event, Piece):
+                    self.recorder.piece(event)
+                    yield event.text
+                else:
+                    completions.append(event)
+            self.recorder.finish(self._stream, completions)
+        finally:
+            self._stream.close()
+            self.recorder.finish(self._stream, completions, interrupted=True)  # no-op after a normal end
+
+    def cancel(self) -> None:
+        """Stop generating and record what was sent (the client went away before or while reading)."""
+        self._stream.close()
+        self.recorder.finish(self._stream, [], interrupted=True)  # no-op after a normal end
 
     def __iter__(self) -> "TextStream":
         return self

@@ -21,7 +21,8 @@ def system_info(svc: Services) -> dict[str, Any]:
     info: dict[str, Any] = {
         "loralab": loralab.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
         "cpu_count": os.cpu_count(), "memory": {"total_bytes": memory.total, "available_bytes": memory.available},
-        "disk": {"path": str(home), "total_bytes": disk.total, "free_bytes": disk.free},
+        # The disk holding LORALAB_HOME; its absolute path is the server's business, not the client's.
+        "disk": {"path": "LORALAB_HOME", "total_bytes": disk.total, "free_bytes": disk.free},
         "database": svc.db.engine.dialect.name,
     }
     info.update(_torch_info())

@@ -7,20 +7,30 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-SQLITE_BUSY_MS = 30_000
+# A blocked SQLite writer gives up well before a worker's lease (30 s by default) runs out, so the worker can retry
+# or let go instead of writing after another worker took the job over.
+SQLITE_BUSY_MS = 10_000
 
 
-def make_engine(url: str) -> Engine:
+def busy_timeout_ms(lease_seconds: float | None = None) -> int:
+    """SQLite's busy timeout: a third of the lease, at most SQLITE_BUSY_MS."""
+    if lease_seconds is None:
+        return SQLITE_BUSY_MS
+    return max(100, min(SQLITE_BUSY_MS, int(lease_seconds * 1000 / 3)))
+
+
+def make_engine(url: str, lease_seconds: float | None = None) -> Engine:
     """An Engine for `url`; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE so writers queue instead of failing."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_MS / 1000})
+        busy_ms = busy_timeout_ms(lease_seconds)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_ms / 1000})
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (pysqlite's own is deferred)
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
@@ -63,11 +73,11 @@ class Database:
         self.engine.dispose()
 
 
-def open_database(url: str, *, migrate_schema: bool = True) -> Database:
-    """Open (and by default migrate) the database at `url`."""
+def open_database(url: str, *, migrate_schema: bool = True, lease_seconds: float | None = None) -> Database:
+    """Open (and by default migrate) the database at `url`; `lease_seconds` bounds SQLite's busy timeout."""
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(url)
+    engine = make_engine(url, lease_seconds)
     if migrate_schema:
         migrate(engine)
     return Database(engine)

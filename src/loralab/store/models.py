@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
@@ -82,7 +82,14 @@ class ModelVersion(Base):
     """A fine-tuned model version with its lineage (base model, dataset version, job, spec, metrics)."""
 
     __tablename__ = "models"
-    __table_args__ = (UniqueConstraint("name", "version", name="uq_models_name_version"),)
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_models_name_version"),
+        # At most one production and one deployed version per name, also under concurrent promotions (0005).
+        Index("uq_models_production_name", "name", unique=True, sqlite_where=text("stage = 'production'"),
+              postgresql_where=text("stage = 'production'")),
+        Index("uq_models_deployed_name", "name", unique=True, sqlite_where=text("deployed"),
+              postgresql_where=text("deployed")),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), index=True)

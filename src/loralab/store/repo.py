@@ -133,6 +133,12 @@ class Repo:
             s.add(row)
         return row
 
+    def count_waiting_jobs(self) -> int:
+        """Jobs not started yet (validating_files or queued), of every kind: the queue's length."""
+        with self.tx() as s:
+            return s.scalar(select(func.count()).select_from(Job)
+                            .where(Job.status.in_(("validating_files", "queued")))) or 0
+
     def set_status(self, job_id: str, status: str, *, error: dict[str, Any] | None = None,
                    run_dir: str | None = None) -> Job:
         """A transition not made by a worker (validating_files -> queued/failed); illegal ones raise."""
@@ -427,13 +433,40 @@ class Repo:
         with self.tx() as s:
             return list(s.scalars(select(Deployment).where(Deployment.model_name == name).order_by(Deployment.id)))
 
-    def delete_model(self, model_id: str) -> ModelVersion:
-        """Delete a version (not the deployed one); the caller removes its files."""
+    def delete_model(self, model_id: str, used_by: tuple[str, ...] = ()) -> ModelVersion:
+        """Delete a version the caller found unused (`used_by` empty); refused while it is deployed, is what its
+        name serves, or an active job or A/B test uses it. The caller removes its files."""
         with self.tx() as s:
             row = self._model_for_update(s, model_id)
             if row.deployed:
                 raise Conflict(f"model {model_id} is deployed; deploy or roll back to another version first",
                                code="model_deployed")
+            if row.stage == "production" and not s.scalars(select(ModelVersion.id).where(
+                    ModelVersion.name == row.name, ModelVersion.deployed.is_(True))).first():
+                raise Conflict(f"model {model_id} is the production version {row.name!r} serves; set another "
+                               "version to production (or this one to archived) first", code="model_deployed")
+            users = [*self._model_users(s, model_id), *(u for u in used_by if u)]
+            if users:
+                raise Conflict(f"model {model_id} is used by {', '.join(dict.fromkeys(users))}; cancel or finish the "
+                               "jobs and stop the A/B tests first, then delete it", code="model_in_use")
             s.execute(delete(Deployment).where(Deployment.model_id == model_id))
             s.delete(row)
             return row
+
+    @staticmethod
+    def _model_users(s: Session, model_id: str) -> list[str]:
+        """Active jobs (an evaluation scoring it, a training resuming from it) and active A/B tests naming its id."""
+        from pathlib import PurePath
+
+        from loralab.store.models import AbTest, EvaluationModel
+
+        users = list(s.scalars(select(Job.id).join(EvaluationModel, EvaluationModel.evaluation_id == Job.id)
+                               .where(EvaluationModel.model_id == model_id, Job.status.in_(ACTIVE))))
+        for job in s.scalars(select(Job).where(Job.status.in_(ACTIVE))):  # paths in specs: resume_from, adapters
+            spec = job.spec or {}
+            paths = [spec.get("resume_from"), *(spec.get("adapters") or [])]
+            if job.id not in users and any(isinstance(p, str) and PurePath(p).name == model_id for p in paths):
+                users.append(job.id)
+        users += s.scalars(select(AbTest.id).where(AbTest.status == "active",
+                                                   (AbTest.model_a == model_id) | (AbTest.model_b == model_id)))
+        return users

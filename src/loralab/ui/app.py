@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home, before gradio is imported
@@ -13,6 +15,7 @@ from fastapi import FastAPI  # noqa: E402
 
 from loralab.services.context import Services  # noqa: E402
 from loralab.ui.i18n import Labels, pick_language, t  # noqa: E402
+from loralab.ui.uploads import accept_only_uploads  # noqa: E402
 
 THEME_FONTS = ["Noto Sans CJK JP", "Noto Sans JP", "system-ui", "sans-serif"]
 CSS = """
@@ -101,12 +104,68 @@ def build_blocks(svc: Services) -> gr.Blocks:
         for fn, inputs, outputs in ctx.on_language:
             event.then(fn, inputs=inputs, outputs=outputs, **ordered)
     demo.queue(default_concurrency_limit=8)
-    return demo
+    return accept_only_uploads(demo)  # mounted, not launched: Gradio's upload check must be turned on
 
 
 def warm_imports() -> None:
     """Import transformers' lazy names once, here: first imports racing in Gradio's worker threads can fail."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer  # noqa: F401
+
+
+class ExpiringTokens(dict):
+    """Gradio's login sessions (token -> user) that lapse `seconds` after login (Gradio keeps them forever)."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        super().__init__()
+        self.seconds, self.clock, self.expires = seconds, clock, {}
+
+    def _alive(self, token) -> bool:
+        expires = self.expires.get(token)
+        if expires is not None and expires <= self.clock():
+            super().pop(token, None)
+            del self.expires[token]
+            return False
+        return True
+
+    def __setitem__(self, token, user) -> None:
+        for old in [t for t, e in self.expires.items() if e <= self.clock()]:  # forget lapsed sessions
+            self._alive(old)
+        super().__setitem__(token, user)
+        self.expires[token] = self.clock() + self.seconds
+
+    def __getitem__(self, token):
+        if not self._alive(token):
+            raise KeyError(token)
+        return super().__getitem__(token)
+
+    def __contains__(self, token) -> bool:
+        return self._alive(token) and super().__contains__(token)
+
+    def __delitem__(self, token) -> None:
+        super().__delitem__(token)
+        self.expires.pop(token, None)
+
+    def get(self, token, default=None):
+        return super().get(token, default) if self._alive(token) else default
+
+
+def gradio_app_of(app: FastAPI) -> Any:
+    """The Gradio App mounted at / of `app`."""
+    from gradio.routes import App
+
+    for route in app.routes:
+        if isinstance(getattr(route, "app", None), App):
+            return route.app
+    raise LookupError("no Gradio app is mounted")
+
+
+def _blocked_paths(svc: Services) -> list[str]:
+    """Directories Gradio's file route must never serve: loralab's home and the user's (unless its cache is there)."""
+    from gradio.utils import get_upload_folder, is_in_or_equal
+
+    cache = os.path.abspath(get_upload_folder())
+    paths = {os.path.abspath(svc.settings.home), os.path.abspath(Path.home())}
+    return sorted(p for p in paths if not is_in_or_equal(cache, p))
 
 
 def mount_ui(app: FastAPI, services: Services | None = None) -> FastAPI:
@@ -118,8 +177,10 @@ def mount_ui(app: FastAPI, services: Services | None = None) -> FastAPI:
     if token:  # the same secret protects the UI: any user name, the API token as password
         def auth(_user: str, password: str) -> bool:
             return secrets.compare_digest(password.encode(), token.encode())
-    return gr.mount_gradio_app(
+    gr.mount_gradio_app(
         app, build_blocks(svc), path="/", theme=make_theme(), css=CSS, footer_links=[], run_history=False,
         ssr_mode=False, pwa=False, mcp_server=False, auth=auth,
         auth_message="loralab: user name any, password = LORALAB_API_TOKEN" if auth else None,
-        max_file_size=svc.settings.max_upload_bytes)
+        max_file_size=svc.settings.max_upload_bytes, allowed_paths=[], blocked_paths=_blocked_paths(svc))
+    gradio_app_of(app).tokens = ExpiringTokens(svc.settings.ui_session_seconds)
+    return app

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -12,6 +11,7 @@ from loralab.services import datasets
 from loralab.services.errors import LoralabError
 from loralab.ui.dashboard import when
 from loralab.ui.i18n import format_bytes, t
+from loralab.ui.uploads import only_uploads, uploaded_file
 
 PAGE_SIZE = 10
 FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text", "preference")
@@ -100,8 +100,9 @@ def build(ctx) -> dict[str, Any]:
     """Lay out the datasets page."""
     labels = ctx.labels
     with gr.Row():
-        upload = labels.add(gr.File(label=t("en", "ds.upload"), file_types=[".jsonl", ".json", ".csv", ".parquet"],
-                                    type="filepath", elem_id="ds-upload", scale=2), label="ds.upload")
+        drop = gr.File(label=t("en", "ds.upload"), file_types=[".jsonl", ".json", ".csv", ".parquet"],
+                       type="filepath", elem_id="ds-upload", scale=2)
+        upload = labels.add(only_uploads(drop), label="ds.upload")
         with gr.Column(scale=1):
             name = labels.add(gr.Textbox(label=t("en", "ds.name"), info=t("en", "ds.name_info"), max_length=100,
                                          elem_id="ds-name"), label="ds.name", info="ds.name_info")
@@ -153,8 +154,11 @@ def connect(ctx) -> None:
         """Store the dropped file; the drop zone is emptied again so the next file can be dropped."""
         if not path:
             return gr.update(), gr.update(visible=False), gr.update(), gr.update(), None
+        source = uploaded_file(path)  # a crafted queue call may name any server file: only uploads are read
+        if source is None:
+            return t(lang, "ds.not_uploaded"), gr.update(visible=False), gr.update(), gr.update(), None
         try:
-            info = datasets.upload_dataset(svc, Path(path).read_bytes(), Path(path).name, name=name.strip() or None,
+            info = datasets.upload_dataset(svc, source.read_bytes(), source.name, name=(name or "").strip() or None,
                                            format=fmt or "auto")
         except LoralabError as exc:
             if exc.errors:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 import gradio as gr
 import pandas as pd
 
 from loralab.services import datasets, evaluations, registry
 from loralab.services.errors import LoralabError
+from loralab.services.tickets import issue_ticket
 from loralab.ui.dashboard import when
 from loralab.ui.i18n import format_seconds, register_strings, t
 
@@ -109,12 +111,20 @@ def status_text(view: dict[str, Any], lang: str) -> str:
     return "\n\n".join(lines)
 
 
-def report_links(view: dict[str, Any], lang: str) -> str:
+def report_links(svc, view: dict[str, Any], lang: str) -> str:
+    """Links to the report files, each with a signed ticket: a browser link cannot send the API token."""
     files = view.get("files") or {}
     html = files.get(f"report.{lang}.html") or files.get("report.html")
     if not html:
         return ""
-    return t(lang, "eval.report", html=html, md=files.get("report.md", ""), csv=files.get("results.csv", ""))
+    # the link sits on a page the user may read for a while: it lasts as long as a UI login, for this report only
+    ticket = issue_ticket(svc, f"report:{view['id']}", seconds=svc.settings.ui_session_seconds)["ticket"]
+
+    def signed(url: str) -> str:
+        return f"{url}?{urlencode({'ticket': ticket})}" if url else ""
+
+    return t(lang, "eval.report", html=signed(html), md=signed(files.get("report.md", "")),
+             csv=signed(files.get("results.csv", "")))
 
 
 def chart_image(svc, view: dict[str, Any], name: str):
@@ -144,7 +154,7 @@ def latest_text(svc, model_id: str | None, lang: str) -> str:
             continue
         gain = gains.get(metric)
         parts.append(f"{metric} {fmt(value)}" + ("" if gain is None else f" ({gain:+.1f}%)"))
-    link = report_links(view, lang)
+    link = report_links(svc, view, lang)
     return (f"**{t(lang, 'eval.latest')}** `{view['id']}` ({when(view['finished_at'])}): " + ", ".join(parts)
             + (f"\n\n{link}" if link else ""))
 
@@ -223,7 +233,7 @@ def connect(ctx) -> None:
         except LoralabError as exc:
             return t(language, "common.error", message=exc.message), pd.DataFrame(), "", None, None, \
                 gr.Timer(active=False)
-        return (status_text(view, language), score_table(view, language), report_links(view, language), *images,
+        return (status_text(view, language), score_table(view, language), report_links(svc, view, language), *images,
                 gr.Timer(active=view["status"] in ACTIVE))
 
     def begin(base: str | None, chosen: list[str] | None, data: str | None, max_new_tokens: float | None,

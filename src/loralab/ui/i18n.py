@@ -107,6 +107,10 @@ STRINGS: dict[str, tuple[str, str]] = {
     "ds.delete": ("Delete this version", "このバージョンを削除"),
     "ds.deleted": ("Deleted {id}.", "{id} を削除しました。"),
     "ds.none": ("Upload a dataset first.", "まずデータセットをアップロードしてください。"),
+    "ds.not_uploaded": ("Nothing was saved: only a file dropped or chosen in this upload box can be imported. "
+                        "Drop the file again.",
+                        "保存していません。取り込めるのは、このアップロード欄にドロップまたは選択したファイルだけです。"
+                        "もう一度ファイルをドロップしてください。"),
     # train
     "tr.setup": ("What to train", "学習の対象"),
     "tr.base": ("Base model", "ベースモデル"),

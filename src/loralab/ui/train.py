@@ -64,6 +64,14 @@ def base_model_choices(svc) -> list[str]:
     return [m["id"] for m in registry.base_models(svc) if m.get("available", True)]
 
 
+def model_path(svc, name: str | None) -> str:
+    """The local directory of an allowed base model (the server's model policy: the page reads no other path)."""
+    from loralab.services import base_models
+
+    value = base_models.check_base_model(svc, name)
+    return base_models.wait_load(svc, ("resolve", value), lambda: base_models.resolve(svc, value).path)
+
+
 def has_gpu(svc) -> bool:
     return bool(system.system_info(svc).get("gpus"))
 
@@ -75,8 +83,8 @@ def recommend(svc, base_model: str, dataset_id: str | None) -> tuple[dict[str, A
     info = system.system_info(svc)
     gpus = info.get("gpus") or []
     try:
-        params = estimate_lora(base_model).base_params
-    except (ValueError, OSError):  # unknown architecture or unreadable config: size-agnostic values
+        params = estimate_lora(model_path(svc, base_model)).base_params
+    except (ValueError, OSError, LoralabError):  # not allowed, unknown architecture, unreadable: size-agnostic values
         params = None
     size = params or 500_000_000
     rows = None
@@ -114,10 +122,14 @@ def estimate_text(svc, spec: dict[str, Any], lang: str) -> str:
     plan_method, rows_per_example = ("lora", 2) if method == "dpo" else (method, 1)
     lines = []
     try:
+        path = model_path(svc, spec.get("base_model"))
+    except LoralabError as exc:
+        return t(lang, "common.error", message=exc.message)
+    try:
         from loralab.engine.estimate import recommend as plan
 
         gpu = has_gpu(svc)
-        rec = plan(spec["base_model"], method=plan_method, r=r, target_modules=targets,
+        rec = plan(path, method=plan_method, r=r, target_modules=targets,
                    max_seq_length=int(spec.get("max_seq_length") or 512),
                    batch_size=int(spec.get("per_device_train_batch_size") or 1) * rows_per_example,
                    device="cuda" if gpu else "cpu",
@@ -145,7 +157,7 @@ def estimate_text(svc, spec: dict[str, Any], lang: str) -> str:
     from loralab.learn.calculator import estimate_lora
 
     try:
-        est = estimate_lora(spec["base_model"], r, targets)
+        est = estimate_lora(path, r, targets)
     except (ValueError, OSError) as exc:
         return t(lang, "common.error", message=str(exc))
     if method == "full":

@@ -32,11 +32,12 @@ async def upload(request: Request, svc: Services = Depends(get_services)) -> dic
         upload_file = form.get("file")
         if upload_file is None or isinstance(upload_file, str):
             raise Invalid("no file in the form: send multipart/form-data with a 'file' part", param="file")
-        data = await upload_file.read(limit + 1)
         name, fmt = form.get("name"), form.get("format") or "auto"
         filename = upload_file.filename or "upload.jsonl"
-    return await run_in_threadpool(datasets.upload_dataset, svc, data, filename,
-                                   name=name if isinstance(name, str) and name else None, format=str(fmt))
+        # The part is spooled to a temporary file; the service reads it only once it holds an upload slot
+        # (LORALAB_MAX_CONCURRENT_UPLOADS), so waiting uploads don't each keep their bytes in memory.
+        return await run_in_threadpool(datasets.upload_dataset, svc, upload_file.file, filename,
+                                       name=name if isinstance(name, str) and name else None, format=str(fmt))
 
 
 @router.get("")

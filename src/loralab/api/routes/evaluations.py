@@ -1,15 +1,26 @@
 """Evaluations: queue one (base vs fine-tuned versions), list, show with summary, report files, compare, cancel."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from loralab.api.deps import get_services, require_token
+from loralab.api.deps import get_services, require_token, require_token_or_ticket
 from loralab.services import evaluations
 from loralab.services.context import Services
 from loralab.services.evaluations import CompareRequest, EvaluationRequest
 
-router = APIRouter(tags=["evaluations"], dependencies=[Depends(require_token)])
+
+def token_or_report_ticket(request: Request) -> None:
+    """The bearer token; a report file also opens with `?ticket=` issued for its evaluation (the UI's links)."""
+    evaluation_id = request.path_params.get("evaluation_id")
+    if request.method == "GET" and evaluation_id and "name" in request.path_params:
+        require_token_or_ticket(request, f"report:{evaluation_id}")
+    else:
+        require_token(request)
+
+
+router = APIRouter(tags=["evaluations"], dependencies=[Depends(token_or_report_ticket)])
 # report.html is self-contained: inline CSS and data: images, never scripts or requests elsewhere
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -35,7 +46,10 @@ def get_evaluation(evaluation_id: str, svc: Services = Depends(get_services)) ->
 
 @router.get("/api/evaluations/{evaluation_id}/files/{name}")
 def report_file(evaluation_id: str, name: str, svc: Services = Depends(get_services)) -> FileResponse:
-    """report.html (.en.html, .ja.html), report.md, results.csv, summary.json, metrics.png, histogram.png."""
+    """report.html (.en.html, .ja.html), report.md, results.csv, summary.json, metrics.png, histogram.png.
+
+    Needs the bearer token or a `?ticket=` for scope `report:<evaluation id>` (a browser link cannot send headers).
+    """
     path, media_type = evaluations.report_file(svc, evaluation_id, name)
     headers = {"Content-Security-Policy": REPORT_CSP, "X-Content-Type-Options": "nosniff"}
     return FileResponse(path, media_type=media_type, headers=headers)
@@ -47,11 +61,12 @@ def cancel(evaluation_id: str, svc: Services = Depends(get_services)) -> dict:
 
 
 @router.post("/api/evaluate/compare", status_code=202, responses={200: {"description": "wait=true: finished"}})
-def compare(body: CompareRequest, svc: Services = Depends(get_services)):
+async def compare(body: CompareRequest, svc: Services = Depends(get_services)):
     """Two or more models on one dataset in one evaluation job: 202 + id at once (GET it for the side-by-side
-    `comparison`), or with `wait=true` 200 and the finished evaluation (202 if `timeout_seconds` passed first)."""
-    created = evaluations.create_comparison(svc, body)
+    `comparison`), or with `wait=true` 200 and the finished evaluation (202 if `timeout_seconds`, at most 600,
+    passed first). The wait holds no server thread."""
+    created = await run_in_threadpool(evaluations.create_comparison, svc, body)
     if not body.wait:
         return JSONResponse(created, status_code=202)
-    view = evaluations.wait_for_evaluation(svc, created["id"], body.timeout_seconds)
+    view = await evaluations.wait_for_evaluation_async(svc, created["id"], body.timeout_seconds)
     return JSONResponse(view, status_code=200 if view["status"] in ("succeeded", "failed", "cancelled") else 202)

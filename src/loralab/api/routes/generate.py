@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from loralab.api.deps import get_services, require_token
-from loralab.services import serving
+from loralab.services import base_models, serving
 from loralab.services.context import Services
 from loralab.services.errors import LoralabError
 from loralab.services.serving import GenerateRequest
@@ -17,24 +17,26 @@ SESSION_HEADER = "x-session-id"
 
 
 @router.post("/generate")
-def generate(body: GenerateRequest, request: Request, svc: Services = Depends(get_services)):
+async def generate(body: GenerateRequest, request: Request, svc: Services = Depends(get_services)):
     """Generate with a fine-tuned model, a deployed name, `ab:<test>` or a base model (+ adapter); `stream: true`
-    for SSE. The response `id` (gen-…) is what POST /api/feedback takes."""
+    for SSE. The response `id` (gen-…) is what POST /api/feedback takes. Async: waiting for a model to load or
+    for tokens holds no server thread."""
     subject = request.headers.get(SESSION_HEADER) or None
+    client = base_models.client_of(request)
     if not body.stream:
-        return serving.generate_text(svc, body, subject)
-    pieces = serving.stream_text(svc, body, "api", subject)
+        return await serving.generate_text_async(svc, body, subject, client)
+    pieces = await serving.stream_text_async(svc, body, "api", subject, client)
     extra = {"id": pieces.id, **pieces.recorder.ab_fields()}
 
-    def events():
+    async def events():
         yield f"data: {json.dumps({**extra, 'text': ''})}\n\n"  # the id comes first, even for an empty answer
         try:
-            for piece in pieces:
+            async for piece in pieces.aiter():
                 yield f"data: {json.dumps({**extra, 'text': piece}, ensure_ascii=False)}\n\n"
         except (LoralabError, ValueError, RuntimeError) as exc:
             yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n"
         finally:
-            pieces.close()
+            pieces.cancel()  # a no-op after a complete answer; stops the rows when the client left early
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

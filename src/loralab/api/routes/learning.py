@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from loralab.api.deps import get_services, require_token
-from loralab.services import learning
+from loralab.services import base_models, learning
 from loralab.services.context import Services
 from loralab.services.errors import Invalid
 
@@ -106,9 +107,12 @@ def update_progress(body: ProgressUpdate, svc: Services = Depends(get_services))
 
 
 @router.post("/tokenize")
-def tokenize(body: TokenizeRequest, svc: Services = Depends(get_services)) -> dict:
-    """The real tokens and ids of a text with a base model's tokenizer."""
-    return learning.tokenize(svc, body.text, body.base_model)
+async def tokenize(body: TokenizeRequest, request: Request, svc: Services = Depends(get_services)) -> dict:
+    """The real tokens and ids of a text with a base model's tokenizer (loaded on the bounded model-load executor
+    and awaited, so waiting for it holds no server thread)."""
+    learning.check_text(body.text)
+    tokenizer = await base_models.tokenizer_async(svc, body.base_model, base_models.client_of(request))
+    return await run_in_threadpool(learning.tokenize, svc, body.text, body.base_model, tokenizer)
 
 
 @router.post("/calculator")

@@ -55,5 +55,6 @@ def rollback(model_id: str, svc: Services = Depends(get_services)) -> dict:
 
 @router.delete("/{model_id}")
 def delete(model_id: str, svc: Services = Depends(get_services)) -> dict:
-    """Delete a fine-tuned version and its files (409 for the deployed one)."""
+    """Delete a fine-tuned version and its files (409 while deployed, served by its name, or in use by an active
+    evaluation, training job or A/B test)."""
     return registry.delete_model(svc, model_id)

@@ -4,17 +4,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loralab.api.deps import get_services, require_token
-from loralab.services import serving
+from loralab.services import base_models, serving
 from loralab.services.context import Services
 from loralab.services.errors import LoralabError
 from loralab.services.inference import Completion, Piece, Sampling, Stream
@@ -24,7 +26,13 @@ log = logging.getLogger(__name__)
 CHAT_MAX_TOKENS = 512  # default when a chat request names no limit (capped by the model's context)
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 8
-MAX_STOPS = 16
+MAX_STOPS = 4  # as OpenAI allows
+MAX_STOP_CHARS = 256
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_CHOICES = 64  # prompts x n: rows one request may queue
+MAX_MESSAGES = 256
+MAX_TEXT_CHARS = 200_000  # one message, prompt or content part
+MAX_PROMPT_IDS = 32_768  # token ids of one prompt given as ids
 SESSION_HEADER = "x-session-id"  # sticky A/B arm when the request has no `user`
 
 
@@ -40,16 +48,21 @@ def _from_exception(exc: Exception) -> JSONResponse:
     if isinstance(exc, RequestValidationError):
         problems = exc.errors()
         first = problems[0] if problems else {}
+        if first.get("type") == "json_invalid":
+            return openai_error(400, "the request body is not valid JSON: send a JSON object "
+                                f"({first.get('ctx', {}).get('error', 'parse error')})", code="invalid_json")
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
                             for e in problems[:5])
         return openai_error(400, f"invalid request: {message}", param=param, code="invalid_value")
-    if isinstance(exc, HTTPException):
+    if isinstance(exc, StarletteHTTPException):  # FastAPI's HTTPException too; 400 = a body that cannot be parsed
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            return openai_error(400, "the request body cannot be read: send a UTF-8 JSON object", code="invalid_json")
         code = "invalid_api_key" if exc.status_code == 401 else None
         return openai_error(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
     if isinstance(exc, LoralabError):
         status = 404 if exc.code == "model_not_found" else 400 if exc.status == 422 else exc.status
-        return openai_error(status, exc.message, param=exc.param, code=exc.code)
+        return openai_error(status, exc.message, param=exc.param, code=exc.code, headers=getattr(exc, "headers", None))
     log.exception("OpenAI-compatible request failed")
     return openai_error(500, f"the server failed to generate: {exc}", code="server_error")
 
@@ -81,18 +94,19 @@ class StreamOptions(_Open):
 
 
 class ContentPart(_Open):
-    type: str
-    text: str | None = None
+    type: str = Field(max_length=64)
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
 
 
 class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | Annotated[list[ContentPart], Field(max_length=64)] \
+        | None = None
+    name: str | None = Field(None, max_length=256)
 
 
 class _Request(_Open):
-    model: str = Field(min_length=1, description="A base model, an ft-… id, a model name (its deployed version), "
+    model: str = Field(min_length=1, max_length=300, description="A base model, an ft-… id, a model name (its deployed version), "
                                                  "name:<version|stage>, or production.")
     max_tokens: int | None = Field(None, ge=1, le=32768)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -105,18 +119,19 @@ class _Request(_Open):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
 
     @field_validator("stop")
     @classmethod
     def _few_stops(cls, value):
-        if isinstance(value, list) and len(value) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"give at most {MAX_STOPS} stop sequences of at most {MAX_STOP_CHARS} characters each")
         return value
 
 
 class ChatRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)
     logprobs: bool | None = None
     tools: list[dict[str, Any]] | None = None
@@ -125,6 +140,24 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_prompt(cls, value):
+        if isinstance(value, str):
+            prompts = [value]
+        elif value and all(isinstance(p, int) for p in value):
+            prompts = [value]
+        else:
+            prompts = value
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"give at most {MAX_PROMPTS} prompts in one request (got {len(prompts)})")
+        for prompt in prompts:
+            if isinstance(prompt, str) and len(prompt) > MAX_TEXT_CHARS:
+                raise ValueError(f"a prompt may have at most {MAX_TEXT_CHARS} characters")
+            if isinstance(prompt, list) and len(prompt) > MAX_PROMPT_IDS:
+                raise ValueError(f"a prompt may have at most {MAX_PROMPT_IDS} token ids")
+        return value
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
@@ -196,9 +229,9 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _events(stream: Stream, head: dict[str, Any], count: int, first: Callable[[int], dict] | None,
-            piece: Callable[[Piece], dict], end: Callable[[Completion], dict], include_usage: bool,
-            recorder: serving.Recorder) -> Iterator[str]:
+async def _events(stream: Stream, head: dict[str, Any], count: int, first: Callable[[int], dict] | None,
+                  piece: Callable[[Piece], dict], end: Callable[[Completion], dict], include_usage: bool,
+                  recorder: serving.Recorder) -> AsyncIterator[str]:
     """SSE lines: an opening chunk per choice (chat), content chunks, a closing chunk per choice, usage, [DONE].
     Every chunk's `id` is the generation id; the answer is recorded before [DONE], so feedback can follow it."""
     completions: list[Completion] = []
@@ -206,14 +239,14 @@ def _events(stream: Stream, head: dict[str, Any], count: int, first: Callable[[i
         if first is not None:
             for index in range(count):
                 yield _sse({**head, "choices": [first(index)]})
-        for event in stream:
+        async for event in stream.aiter():
             if isinstance(event, Piece):
                 recorder.piece(event)
                 yield _sse({**head, "choices": [piece(event)]})
             else:
                 completions.append(event)
                 yield _sse({**head, "choices": [end(event)]})
-        recorder.finish(stream, completions)
+        await run_in_threadpool(recorder.finish, stream, completions)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(stream, completions)})
     except Exception as exc:  # after the 200 the error can only travel in the stream
@@ -226,7 +259,7 @@ def _events(stream: Stream, head: dict[str, Any], count: int, first: Callable[[i
     yield _sse("[DONE]")
 
 
-def _streaming(lines: Iterator[str]) -> StreamingResponse:
+def _streaming(lines: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(lines, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -259,23 +292,34 @@ def _head(recorder: serving.Recorder, body: _Request, target: serving.Target) ->
     return head
 
 
+async def _open(svc: Services, body: _Request, request: Request, inputs: list[dict[str, Any]],
+                sampling: Sampling, count: int) -> tuple[Stream, serving.Recorder, serving.Target]:
+    """Route the model, load it on the bounded executor (awaited: no thread waits), then queue the rows."""
+    if count * len(inputs) > MAX_CHOICES:
+        raise LoralabError(f"prompts x n is {count * len(inputs)}; one request may ask for at most {MAX_CHOICES} "
+                           "completions", code="invalid_value", param="n")
+    target = await run_in_threadpool(serving.route_model, svc, body.model, _subject(body, request))
+    await base_models.worker_async(svc, target.base, base_models.client_of(request))
+    stream, recorder = await run_in_threadpool(serving.open_recorded, svc, target, inputs, sampling, count)
+    return stream, recorder, target
+
+
 @router.post("/chat/completions")
-def chat_completions(body: ChatRequest, request: Request, svc: Services = Depends(get_services)):
+async def chat_completions(body: ChatRequest, request: Request, svc: Services = Depends(get_services)):
     """Chat completion with any base model, fine-tuned adapter or `ab:<test>`; `stream: true` for SSE chunks."""
     messages = _chat_messages(body)
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, CHAT_MAX_TOKENS)
-    target = serving.route_model(svc, body.model, _subject(body, request))
     count = body.n or 1
-    stream, recorder = serving.open_recorded(svc, target, [{"messages": messages}], sampling, count)
+    stream, recorder, target = await _open(svc, body, request, [{"messages": messages}], sampling, count)
     head = _head(recorder, body, target)
     if not body.stream:
-        completions = stream.result()
-        recorder.finish(stream, completions)
+        completions = await stream.aresult()
+        await run_in_threadpool(recorder.finish, stream, completions)
         return {**head, "object": "chat.completion", "usage": _usage(stream, completions), "choices": [
             {"index": c.index, "message": {"role": "assistant", "content": c.text, "refusal": None},
              "logprobs": None, "finish_reason": c.finish_reason} for c in completions]}
     head["object"] = "chat.completion.chunk"
-    recorder.start()  # the id is known to the client from the first chunk: feedback may arrive before the end
+    await run_in_threadpool(recorder.start)  # the id is known to the client from the first chunk: feedback may arrive before the end
     return _streaming(_events(
         stream, head, count,
         lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
@@ -285,20 +329,19 @@ def chat_completions(body: ChatRequest, request: Request, svc: Services = Depend
 
 
 @router.post("/completions")
-def completions(body: CompletionRequest, request: Request, svc: Services = Depends(get_services)):
+async def completions(body: CompletionRequest, request: Request, svc: Services = Depends(get_services)):
     """Raw-text completion (no chat template) for one prompt or several; `stream: true` for SSE chunks."""
     inputs = _completion_inputs(body)
     sampling = _sampling(body, body.max_tokens, COMPLETION_MAX_TOKENS)
-    target = serving.route_model(svc, body.model, _subject(body, request))
     count = body.n or 1
-    stream, recorder = serving.open_recorded(svc, target, inputs, sampling, count)
+    stream, recorder, target = await _open(svc, body, request, inputs, sampling, count)
     head = {**_head(recorder, body, target), "object": "text_completion"}
     if not body.stream:
-        done = stream.result()
-        recorder.finish(stream, done)
+        done = await stream.aresult()
+        await run_in_threadpool(recorder.finish, stream, done)
         return {**head, "usage": _usage(stream, done), "choices": [
             {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in done]}
-    recorder.start()
+    await run_in_threadpool(recorder.start)
     return _streaming(_events(
         stream, head, count * len(inputs), None,
         lambda p: {"index": p.index, "text": p.text, "logprobs": None, "finish_reason": None},

@@ -1,17 +1,20 @@
-"""Training jobs: create, list, show, progress, metrics, logs, cancel, and the SSE event stream."""
+"""Training jobs: create, list, show, progress, metrics, logs, cancel, stream tickets and the SSE event stream."""
 from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
-from loralab.api.deps import get_services, require_token
+from loralab.api.deps import events_scope, get_services, require_token, require_token_or_ticket
 from loralab.services import jobs
 from loralab.services.context import Services
 from loralab.services.jobs import CreateJobRequest
+from loralab.services.tickets import issue_ticket
 
 router = APIRouter(prefix="/api/training/jobs", tags=["training"], dependencies=[Depends(require_token)])
+# the event stream takes the token or a ticket (browsers' EventSource cannot send headers)
+stream_router = APIRouter(prefix="/api/training/jobs", tags=["training"])
 
 
 @router.post("", status_code=201)
@@ -62,10 +65,23 @@ def cancel(job_id: str, svc: Services = Depends(get_services)) -> dict:
     return jobs.cancel_job(svc, job_id)
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse)
+@router.post("/{job_id}/ticket")
+def ticket(job_id: str, svc: Services = Depends(get_services)) -> dict:
+    """A short-lived ticket (LORALAB_STREAM_TICKET_SECONDS) that opens this job's event stream:
+    `/events?ticket=...` or `/ws/training/{job_id}?ticket=...`, so the API token never goes in a URL."""
+    jobs.get_job(svc, job_id)  # 404 for an unknown job
+    return issue_ticket(svc, events_scope(job_id))
+
+
+def _events_access(job_id: str, request: Request) -> None:
+    require_token_or_ticket(request, events_scope(job_id))
+
+
+@stream_router.get("/{job_id}/events", response_class=StreamingResponse, dependencies=[Depends(_events_access)])
 async def events(job_id: str, after: int = Query(0, ge=0), last_event_id: str | None = Header(None),
                  svc: Services = Depends(get_services)):
-    """Server-sent events: missed events first (after `after` or Last-Event-ID), then live; ends after the last."""
+    """Server-sent events: missed events first (after `after` or Last-Event-ID), then live; ends after the last.
+    Needs the bearer token or `?ticket=` from POST /api/training/jobs/{job_id}/ticket."""
     if last_event_id and last_event_id.isdigit():
         after = max(after, int(last_event_id))
     stream = jobs.follow_events(svc, job_id, after)

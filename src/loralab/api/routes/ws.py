@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from loralab.api.deps import websocket_token_ok
+from loralab.api.deps import websocket_access_ok
 from loralab.services import jobs
 from loralab.services.errors import NotFound
 
@@ -13,9 +13,12 @@ CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND = 4401, 4404
 
 @router.websocket("/ws/training/{job_id}")
 async def training_events(websocket: WebSocket, job_id: str, after: int = 0):
-    """Each message is one event {seq, type, time, ...}; the socket closes (1000) after done/error/cancelled."""
-    if not websocket_token_ok(websocket):
-        await websocket.close(code=CLOSE_UNAUTHORIZED, reason="missing or wrong API token")
+    """Each message is one event {seq, type, time, ...}; the socket closes (1000) after done/error/cancelled.
+    Needs the bearer token or `?ticket=` from POST /api/training/jobs/{job_id}/ticket (4401 otherwise)."""
+    # accepted before any refusal: a browser sees the close code (4401, 4404), never a bare HTTP 403
+    await websocket.accept()
+    if not websocket_access_ok(websocket, job_id):
+        await websocket.close(code=CLOSE_UNAUTHORIZED, reason="missing or wrong API token or ticket")
         return
     svc = websocket.app.state.services
     stream = jobs.follow_events(svc, job_id, max(0, after))
@@ -24,7 +27,6 @@ async def training_events(websocket: WebSocket, job_id: str, after: int = 0):
     except NotFound as exc:
         await websocket.close(code=CLOSE_NOT_FOUND, reason=exc.message[:120])
         return
-    await websocket.accept()
     try:
         event = first
         while event is not None:
