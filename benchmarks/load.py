@@ -88,7 +88,11 @@ def run_job(client: httpx.Client, dataset_id: str, steps: int) -> str:
 def wait_job(client: httpx.Client, job_id: str, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get(f"/api/training/jobs/{job_id}").json()
+        response = client.get(f"/api/training/jobs/{job_id}")
+        if response.status_code != 200:  # counted by the clients' figures, not here: poll again
+            time.sleep(1)
+            continue
+        job = response.json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(1)

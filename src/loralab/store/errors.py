@@ -35,6 +35,13 @@ class TooLarge(LoralabError):
     status, code = 413, "too_large"
 
 
+class DatabaseBusy(LoralabError):
+    """SQLite's write lock was not had within the busy timeout (many writers at once): retry shortly."""
+
+    status, code = 503, "database_busy"
+    headers = {"Retry-After": "2"}
+
+
 class IllegalTransition(Conflict):
     code = "illegal_transition"
 

@@ -31,7 +31,7 @@ def create_evaluation_job(repo: Repo, spec: dict[str, Any], dataset_id: str | No
 def get_evaluation_job(repo: Repo, evaluation_id: str) -> Job:
     """The job row of an evaluation; 404 for unknown ids and for training jobs."""
     check_id("job", evaluation_id)
-    with repo.tx() as s:
+    with repo.read() as s:
         row = s.get(Job, evaluation_id)
         if row is None or row.kind != KIND:
             raise NotFound(f"evaluation {evaluation_id} not found; GET /api/evaluations lists them",
@@ -42,7 +42,7 @@ def get_evaluation_job(repo: Repo, evaluation_id: str) -> Job:
 def list_evaluation_jobs(repo: Repo, model_id: str | None = None, status: str | None = None,
                          limit: int = 50) -> list[Job]:
     """Evaluation jobs, newest first; `model_id` keeps those that scored that fine-tuned version."""
-    with repo.tx() as s:
+    with repo.read() as s:
         query = select(Job).where(Job.kind == KIND).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
         if model_id:
             query = query.where(Job.id.in_(select(EvaluationModel.evaluation_id)
@@ -56,7 +56,7 @@ def evaluation_model_ids(repo: Repo, evaluation_ids: list[str]) -> dict[str, lis
     """{evaluation id: [fine-tuned model ids in comparison order]}."""
     if not evaluation_ids:
         return {}
-    with repo.tx() as s:
+    with repo.read() as s:
         rows = s.scalars(select(EvaluationModel).where(EvaluationModel.evaluation_id.in_(evaluation_ids))
                          .order_by(EvaluationModel.evaluation_id, EvaluationModel.position))
         out: dict[str, list[str]] = {i: [] for i in evaluation_ids}
@@ -67,7 +67,7 @@ def evaluation_model_ids(repo: Repo, evaluation_ids: list[str]) -> dict[str, lis
 
 def done_payload(repo: Repo, evaluation_id: str) -> dict[str, Any] | None:
     """The newest `done` event of an evaluation (the summary), stored in the commit that made it succeeded."""
-    with repo.tx() as s:
+    with repo.read() as s:
         row = s.scalars(select(JobEvent).where(JobEvent.job_id == evaluation_id, JobEvent.type == "done")
                         .order_by(JobEvent.seq.desc()).limit(1)).first()
         return dict(row.payload) if row is not None else None

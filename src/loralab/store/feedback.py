@@ -68,7 +68,7 @@ class FeedbackStore:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        with self.db.session() as session, session.begin():
+        with self.db.transaction() as session:
             yield session
 
     # ---- generations ------------------------------------------------------------------------------------

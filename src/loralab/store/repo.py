@@ -67,7 +67,14 @@ class Repo:
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
-        with self.db.session() as session, session.begin():
+        """A transaction that may write (SQLite: holds the write lock from its start)."""
+        with self.db.transaction() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A transaction that only reads (SQLite: takes no lock, never waits for writers)."""
+        with self.db.transaction(read_only=True) as session:
             yield session
 
     # ---- datasets -------------------------------------------------------------------------------------
@@ -86,7 +93,7 @@ class Repo:
         raise Conflict(f"could not allocate a version for dataset {fields['name']!r}; retry the upload")
 
     def list_datasets(self, name: str | None = None) -> list[Dataset]:
-        with self.tx() as s:
+        with self.read() as s:
             query = select(Dataset).order_by(Dataset.created_at.desc())
             if name:
                 query = query.where(Dataset.name == name)
@@ -94,7 +101,7 @@ class Repo:
 
     def get_dataset(self, dataset_id: str) -> Dataset:
         check_id("dataset", dataset_id)
-        with self.tx() as s:
+        with self.read() as s:
             row = s.get(Dataset, dataset_id)
             if row is None:
                 raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found", param="dataset_id")
@@ -135,7 +142,7 @@ class Repo:
 
     def count_waiting_jobs(self) -> int:
         """Jobs not started yet (validating_files or queued), of every kind: the queue's length."""
-        with self.tx() as s:
+        with self.read() as s:
             return s.scalar(select(func.count()).select_from(Job)
                             .where(Job.status.in_(("validating_files", "queued")))) or 0
 
@@ -160,7 +167,7 @@ class Repo:
     def list_jobs(self, status: str | None = None, limit: int = 100, after: str | None = None,
                   kind: str | None = "train") -> list[Job]:
         """Jobs newest first; training jobs only unless `kind` says otherwise (None = every kind)."""
-        with self.tx() as s:
+        with self.read() as s:
             query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
             if kind:
                 query = query.where(Job.kind == kind)
@@ -174,7 +181,7 @@ class Repo:
 
     def get_job(self, job_id: str) -> Job:
         check_id("job", job_id)
-        with self.tx() as s:
+        with self.read() as s:
             row = s.get(Job, job_id)
             if row is None:
                 raise NotFound(f"job {job_id} not found", code="job_not_found")
@@ -263,7 +270,7 @@ class Repo:
 
     def events_seen(self, job_id: str) -> int:
         """The highest stored seq (= lines of events.jsonl already stored)."""
-        with self.tx() as s:
+        with self.read() as s:
             return s.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0
 
     def finish_job(self, claim: Claim, status: str, *, error: dict[str, Any] | None = None,
@@ -340,7 +347,7 @@ class Repo:
     def events_after(self, job_id: str, after_seq: int = 0, limit: int = 1000,
                      types: tuple[str, ...] | None = None) -> list[JobEvent]:
         check_id("job", job_id)
-        with self.tx() as s:
+        with self.read() as s:
             query = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
                      .order_by(JobEvent.seq).limit(limit))
             if types:
@@ -359,7 +366,7 @@ class Repo:
         return row
 
     def list_models(self, name: str | None = None) -> list[ModelVersion]:
-        with self.tx() as s:
+        with self.read() as s:
             query = select(ModelVersion).order_by(ModelVersion.name, ModelVersion.version.desc())
             if name:
                 query = query.where(ModelVersion.name == name)
@@ -367,7 +374,7 @@ class Repo:
 
     def get_model(self, model_id: str) -> ModelVersion:
         check_id("model", model_id)
-        with self.tx() as s:
+        with self.read() as s:
             row = s.get(ModelVersion, model_id)
             if row is None:
                 raise NotFound(f"model {model_id} not found", code="model_not_found")
@@ -430,7 +437,7 @@ class Repo:
                            code="nothing_to_roll_back")
 
     def deployment_history(self, name: str) -> list[Deployment]:
-        with self.tx() as s:
+        with self.read() as s:
             return list(s.scalars(select(Deployment).where(Deployment.model_name == name).order_by(Deployment.id)))
 
     def delete_model(self, model_id: str, used_by: tuple[str, ...] = ()) -> ModelVersion:
@@ -455,18 +462,62 @@ class Repo:
 
     @staticmethod
     def _model_users(s: Session, model_id: str) -> list[str]:
-        """Active jobs (an evaluation scoring it, a training resuming from it) and active A/B tests naming its id."""
+        """Active jobs (an evaluation scoring it, a training resuming from it, an export of it) and active A/B tests
+        naming its id."""
         from pathlib import PurePath
 
         from loralab.store.models import AbTest, EvaluationModel
 
         users = list(s.scalars(select(Job.id).join(EvaluationModel, EvaluationModel.evaluation_id == Job.id)
                                .where(EvaluationModel.model_id == model_id, Job.status.in_(ACTIVE))))
-        for job in s.scalars(select(Job).where(Job.status.in_(ACTIVE))):  # paths in specs: resume_from, adapters
-            spec = job.spec or {}
-            paths = [spec.get("resume_from"), *(spec.get("adapters") or [])]
+        for job in s.scalars(select(Job).where(Job.status.in_(ACTIVE))):  # paths in specs: resume_from, adapters,
+            spec = job.spec or {}                                          # an export's source
+            paths = [spec.get("resume_from"), *(spec.get("adapters") or []), spec.get("source")]
             if job.id not in users and any(isinstance(p, str) and PurePath(p).name == model_id for p in paths):
                 users.append(job.id)
         users += s.scalars(select(AbTest.id).where(AbTest.status == "active",
                                                    (AbTest.model_a == model_id) | (AbTest.model_b == model_id)))
         return users
+
+    # ---- exports (jobs of kind "export"; the model id is in the spec) ------------------------------------------
+
+    def queue_export(self, spec: dict[str, Any], name: str) -> tuple[Job, bool]:
+        """Queue an export of `spec["model_id"]`, or return the queued/running one with the same format and
+        quantization (False). The model row is locked, so a concurrent delete or twin request waits its turn."""
+        model_id = spec["model_id"]
+        with self.tx() as s:
+            self._model_for_update(s, model_id)  # 404 when deleted meanwhile
+            for row in s.scalars(self._exports(model_id).where(Job.status.in_(ACTIVE))):
+                same = row.spec or {}
+                if (same.get("format"), same.get("quantization")) == (spec.get("format"), spec.get("quantization")):
+                    return row, False
+            now = time.time()
+            row = Job(id=new_id("job"), kind="export", status="queued", spec=spec, dataset_id=None,
+                      model_name=name[:200], attempt=0, cancel_requested=False, progress={}, created_at=now,
+                      updated_at=now)
+            s.add(row)
+            return row, True
+
+    def get_export(self, job_id: str) -> Job:
+        """The job row of an export; 404 for unknown ids and for other kinds of job."""
+        check_id("job", job_id)
+        with self.read() as s:
+            row = s.get(Job, job_id)
+            if row is None or row.kind != "export":
+                raise NotFound(f"export {job_id} not found; GET /api/exports lists them", code="export_not_found")
+            return row
+
+    def list_exports(self, model_id: str | None = None, status: str | None = None, limit: int = 50) -> list[Job]:
+        """Export jobs newest first; `model_id` keeps that fine-tuned version's."""
+        with self.read() as s:
+            query = self._exports(model_id).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+            if status:
+                query = query.where(Job.status == status)
+            return list(s.scalars(query))
+
+    @staticmethod
+    def _exports(model_id: str | None = None):
+        query = select(Job).where(Job.kind == "export")
+        if model_id:  # JSON path: json_extract on SQLite, ->> on PostgreSQL
+            query = query.where(Job.spec["model_id"].as_string() == model_id)
+        return query
