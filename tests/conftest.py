@@ -37,6 +37,8 @@ def loralab_home(tmp_path, monkeypatch, request) -> Path:
     monkeypatch.setenv("LORALAB_HOME", str(home))
     monkeypatch.delenv("LORALAB_DATABASE_URL", raising=False)
     monkeypatch.delenv("LORALAB_API_TOKEN", raising=False)
+    # tests of the batching PyTorch decoder use it; tests/serving opts into llama.cpp where it means to
+    monkeypatch.setenv("LORALAB_SERVING_RUNTIME", "transformers")
     return home
 
 

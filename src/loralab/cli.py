@@ -235,12 +235,35 @@ def _load_run_spec(run_dir: Path) -> TrainSpec:
         fail(f"{path}: " + _spec_errors(exc))
 
 
-def _load_or_fail(base_model: str, adapter: Optional[str]):
-    from loralab.engine.models import ModelNotFoundError, load_for_inference
+DEVICE_HELP = ("Where to load the model: auto (CUDA in bf16/fp16, spread over GPUs when one is too small; else "
+               "the CPU in fp32), cpu, cuda or mps. Default: LORALAB_INFERENCE_DEVICE.")
+FOUR_BIT_HELP = ("Load the model in 4-bit NF4 (bitsandbytes; CUDA only) so a big model fits a small GPU. "
+                 "Default: LORALAB_INFERENCE_QUANTIZATION.")
+
+
+def _inference_options(device: Optional[str], load_in_4bit: Optional[bool]) -> tuple[str, Optional[str]]:
+    """--device / --load-in-4bit, defaulting to the LORALAB_INFERENCE_* settings."""
+    from loralab.settings import get_settings
+
+    settings = get_settings()
+    device = device or settings.inference_device
+    if device not in ("auto", "cpu", "cuda", "mps"):
+        fail(f"--device must be auto, cpu, cuda or mps, got {device!r}", code=2)
+    if load_in_4bit is None:
+        load_in_4bit = settings.inference_quantization == "4bit"
+    return device, "4bit" if load_in_4bit else None
+
+
+def _load_or_fail(base_model: str, adapter: Optional[str], device: str = "auto", quantization: Optional[str] = None):
+    from loralab.engine.hardware import PlacementError
+    from loralab.engine.models import ModelNotFoundError, inference_placement, load_for_inference, resolve_base_model
 
     try:
-        return load_for_inference(base_model, adapter)
-    except ModelNotFoundError as exc:
+        resolved = resolve_base_model(base_model)
+        placement = inference_placement(resolved, device=device, quantization=quantization)
+        err.print(f"loading {base_model}: {placement.reason}", highlight=False)
+        return load_for_inference(resolved, adapter, placement=placement)
+    except (ModelNotFoundError, PlacementError) as exc:
         fail(str(exc))
 
 
@@ -256,6 +279,8 @@ def generate(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     raw: bool = typer.Option(False, "--raw", help="Plain completion of the prompt, no chat template."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit/--no-load-in-4bit", help=FOUR_BIT_HELP),
 ):
     """Generate an answer with a base model, optionally with a LoRA adapter (streams to the terminal)."""
     from pydantic import ValidationError
@@ -267,7 +292,7 @@ def generate(
                                 repetition_penalty=repetition_penalty, seed=seed)
     except ValidationError as exc:
         fail(_spec_errors(exc))
-    model, tokenizer = _load_or_fail(base_model, adapter)
+    model, tokenizer = _load_or_fail(base_model, adapter, *_inference_options(device, load_in_4bit))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     kwargs = {"prompt": prompt} if raw else {"messages": messages}
     for piece in stream(model, tokenizer, settings=settings, **kwargs):
@@ -365,26 +390,44 @@ def eval_cmd(
     adapter: list[str] = typer.Option([], "--adapter", help="Adapter directory to compare (repeatable)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N rows."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    load_in_4bit: Optional[bool] = typer.Option(None, "--load-in-4bit/--no-load-in-4bit", help=FOUR_BIT_HELP),
 ):
     """Compare the base model and adapters on rows with reference answers; writes CSV/JSON/MD/HTML reports."""
     from loralab.engine.evaluate import EvalError, evaluate
     from loralab.engine.models import ModelNotFoundError
 
+    device, quantization = _inference_options(device, load_in_4bit)
+
     def progress(event: dict):
-        if event.get("stage") == "generate" and event.get("total"):
+        if event.get("stage") == "load" and event.get("placement"):
+            err.print(f"loading {base_model}: {event['placement']['reason']}", highlight=False)
+        elif event.get("stage") == "generate" and event.get("total"):
             err.print(f"\r{event.get('model', '')}: {event.get('done', 0)}/{event['total']} answers", end="")
         elif event.get("stage") == "warning":
             err.print(f"\n[yellow]warning:[/] {event.get('message', '')}")
 
     try:
         summary = evaluate(base_model, adapter, str(data) if data else None, out, max_new_tokens=max_new_tokens,
-                           limit=limit, progress=progress)
+                           limit=limit, progress=progress, device=device, quantization=quantization)
     except (EvalError, ModelNotFoundError) as exc:
         fail(str(exc))
     err.print()
     for warning in summary.get("warnings", []):
         err.print(f"[yellow]warning:[/] {warning}")
     console.print(f"[green]report[/]: {out / 'report.html'}")
+
+
+config_app = typer.Typer(help="The LORALAB_ settings (environment variables).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("env-example")
+def config_env_example():
+    """Print .env.example: every LORALAB_ setting and compose.yaml variable with its default and meaning."""
+    from loralab.settings import env_example
+
+    sys.stdout.write(env_example())
 
 
 def _register_subapps() -> None:

@@ -216,6 +216,35 @@ class EvalSpec(_Strict):
                                                           "when present.")
 
 
+ExportFormat = Literal["merged", "gguf", "ollama"]
+ExportQuantization = Literal["f16", "q8_0"]
+
+
+class ExportSpec(_Strict):
+    """An export run: a fine-tuned version written as merged safetensors, GGUF or GGUF + Ollama; its spec.json."""
+
+    kind: Literal["export"] = Field("export", description="Marks an export run directory (a TrainSpec has no kind).")
+    model_id: str = Field(pattern=r"^ft-[0-9a-f]{24}$", description="The fine-tuned version exported.")
+    source: str = Field(min_length=1, max_length=4096, description="Its registry directory: a LoRA adapter "
+                        "(merged into base_model) or a full model.")
+    base_model: str | None = Field(None, min_length=1, max_length=4096, description="Base model an adapter is "
+                                   "merged into (a stored base model value); unused for full fine-tunes.")
+    format: ExportFormat = Field(description="merged: safetensors with the adapter folded in; gguf: one GGUF file "
+                                 "for llama.cpp; ollama: the GGUF file plus an Ollama Modelfile.")
+    quantization: ExportQuantization | None = Field("f16", description="GGUF tensor type: f16 or q8_0 (8-bit); "
+                                                    "none for merged.")
+    name: str = Field("loralab-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}(:[A-Za-z0-9._-]{1,40})?$",
+                      description="Model name written into the GGUF metadata and used by `ollama create`.")
+
+    @model_validator(mode="after")
+    def _quantization_for_gguf(self) -> "ExportSpec":
+        if self.format == "merged":
+            object.__setattr__(self, "quantization", None)  # merged keeps the base's dtype: nothing to choose
+        elif self.quantization is None:
+            raise ValueError(f"quantization is required for format {self.format!r}: f16 or q8_0")
+        return self
+
+
 def apply_overrides(raw: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
     """Apply `key=value` overrides (dotted keys reach nested sections) to a raw spec dict."""
     import yaml

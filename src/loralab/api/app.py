@@ -73,6 +73,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     from loralab.api.routes import evaluations as evaluation_routes
 
     app.include_router(evaluation_routes.router)
+    from loralab.api.routes import exports as export_routes
+
+    app.include_router(export_routes.router)
     if mount_web_ui:
         from loralab.ui import mount_ui
 

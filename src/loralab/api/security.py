@@ -196,6 +196,14 @@ def _request_origin_key(scope: Scope, host: str) -> tuple[str, str, int | None] 
     return _origin_key(f"{scheme}://{host}")
 
 
+def route_path(scope: Scope) -> str:
+    """The path the routes match: without the prefix of `loralab serve --root-path` (ASGI's path includes it)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
+
+
 def protected_path(path: str) -> bool:
     """Paths the API token guards (token checked here, before any body is read)."""
     if path in ("/api/health", "/api/health/"):
@@ -232,7 +240,7 @@ class SecurityMiddleware:
 
     async def _guard(self, scope: Scope, headers: Headers, receive: Receive, send: Send) -> None:
         settings = self.settings
-        path = scope.get("path", "")
+        path = route_path(scope)
         is_ws = scope["type"] == "websocket"
         method = "GET" if is_ws else scope["method"]
         host = headers.get("host", "")
@@ -373,7 +381,7 @@ class SecurityMiddleware:
             await send({"type": "websocket.close", "code": WS_CLOSE.get(refusal.status, 1008),
                         "reason": body["detail"].encode()[:120].decode(errors="ignore")})
             return
-        if scope.get("path", "").startswith("/v1/") or scope.get("path") == "/v1":  # OpenAI clients read "error"
+        if route_path(scope).startswith("/v1/") or route_path(scope) == "/v1":  # OpenAI clients read "error"
             kind = "invalid_request_error"
             code = "invalid_api_key" if refusal.status == 401 else refusal.code
             body["error"] = {"message": body["detail"], "type": kind, "param": refusal.param, "code": code}

@@ -157,8 +157,13 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def die_with_parent() -> None:
-    """Have Linux kill this rank when torchrun dies: ranks run in their own sessions, out of the supervisor's reach."""
+def die_with_parent(sig: int | None = None) -> None:
+    """Have Linux send `sig` (default SIGKILL) to this process when its parent dies.
+
+    torchrun ranks run in their own sessions, out of the supervisor's reach: SIGKILL. The engine under a worker gets
+    SIGTERM: a worker that died (OOM-killed, SIGKILL, a lost host process) leaves no orphan training on, writing into
+    a run directory another attempt will use; the engine checkpoints and exits 3, and the requeued job resumes.
+    """
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -166,11 +171,13 @@ def die_with_parent() -> None:
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        libc.prctl(1, int(signal.SIGKILL if sig is None else sig), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() == 1:  # the parent already died before prctl took effect
-        os._exit(137)
+        if sig is None or sig == signal.SIGKILL:
+            os._exit(137)
+        os.kill(os.getpid(), sig)
 
 
 def placement_for_rank(placement):

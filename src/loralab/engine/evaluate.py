@@ -239,12 +239,23 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _load(base_model: str, adapters: list[str], device: str):
-    """Base model loaded once with every adapter attached under the names adapter_0..N (PEFT)."""
+def place(resolved, device: str = "auto", quantization: str | None = None):
+    """Where the evaluated model is loaded: the same rule as serving and training (`models.inference_placement`)."""
+    from loralab.engine.hardware import PlacementError
+    from loralab.engine.models import inference_placement
+
+    try:
+        return inference_placement(resolved, device=device, quantization=quantization)
+    except PlacementError as exc:
+        raise EvalError(str(exc), code="placement_refused", param="device") from None
+
+
+def _load(base_model, adapters: list[str], placement):
+    """Base model loaded once (where `placement` says) with every adapter attached as adapter_0..N (PEFT)."""
     from loralab.engine.models import ModelNotFoundError, load_model, load_tokenizer
 
     try:
-        model, tokenizer = load_model(base_model, device=device), load_tokenizer(base_model)
+        model, tokenizer = load_model(base_model, placement=placement), load_tokenizer(base_model)
     except ModelNotFoundError as exc:
         raise EvalError(str(exc), code="model_not_found", param="base_model") from None
     if adapters:
@@ -257,7 +268,8 @@ def _load(base_model: str, adapters: list[str], device: str):
                 else:
                     model.load_adapter(adapter, adapter_name=f"adapter_{i}")
             except (RuntimeError, ValueError, KeyError) as exc:
-                raise EvalError(f"adapter {adapter} does not fit base model {base_model!r}: {exc}",
+                name = getattr(base_model, "name", base_model)  # a ResolvedModel: its name, never its path
+                raise EvalError(f"adapter {adapter} does not fit base model {name!r}: {exc}",
                                 code="base_model_mismatch", param="adapters") from None
     model.eval()
     return model, tokenizer
@@ -298,7 +310,9 @@ def _reference_loss(model, tokenizer, prompt: str, reference: str) -> tuple[floa
     counted = sum(1 for x in labels[1:] if x != -100)
     if counted == 0:
         return None, 0
-    device = next(model.parameters()).device
+    from loralab.engine.generate import input_device
+
+    device = input_device(model)
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prompt_ids + ref_ids], device=device),
                     labels=torch.tensor([labels], device=device))
@@ -379,12 +393,15 @@ def _ignore(_event: dict) -> None:
 def evaluate(base_model: str, adapters: list[str] | None = None, data_path: str | Path | None = None,
              out_dir: str | Path = "eval", max_new_tokens: int = 128, limit: int | None = None,
              judge: JudgeConfig | bool | None = None, seed: int = 0, progress: Progress | None = None,
-             device: str = "cpu", embeddings: bool = True, report_language: str = "en") -> dict:
+             device: str = "auto", embeddings: bool = True, report_language: str = "en",
+             quantization: str | None = None) -> dict:
     """Score the base model and each adapter on reference answers; write results.csv, summary.json and reports.
 
     `judge`: None = from LORALAB_JUDGE_* settings when set, False = off, a JudgeConfig = that endpoint.
     `progress` gets dicts with a `stage` (load, generate, score, judge, report, warning, done); it may raise to stop.
     `embeddings=False` skips embedding similarity; `report_language` ('en' or 'ja') is report.html's language.
+    `device` and `quantization` ('4bit' or None) go through the placement rule of serving and training (`place`);
+    the `load` progress event carries the chosen placement (`placement`: engine.hardware.InferencePlacement.describe).
     """
     import torch
 
@@ -422,14 +439,15 @@ def evaluate(base_model: str, adapters: list[str] | None = None, data_path: str 
         raise EvalError(str(exc), code="model_not_found", param="base_model") from None
     for adapter in adapters:
         check_adapter(adapter, base_model, resolved.path)
+    placement = place(resolved, device, quantization)
 
-    report({"stage": "load", "message": f"loading {base_model} with {len(adapters)} adapter(s)",
-            "num_examples": len(examples), "num_models": 1 + len(adapters)})
+    report({"stage": "load", "message": f"loading {base_model} with {len(adapters)} adapter(s) ({placement.reason})",
+            "num_examples": len(examples), "num_models": 1 + len(adapters), "placement": placement.describe()})
     torch.manual_seed(seed)
     names = [BASE, *_adapter_names(adapters)]
     results: list[dict] = []
     with _quiet_transformers():
-        model, tokenizer = _load(base_model, adapters, device)
+        model, tokenizer = _load(resolved, adapters, placement)
         prompts = [_prompt_text(e, tokenizer) for e in examples]
         if adapters:
             with model.disable_adapter():
@@ -449,7 +467,7 @@ def evaluate(base_model: str, adapters: list[str] | None = None, data_path: str 
                           if embeddings else "skipped: turned off")
         if embeddings:
             try:
-                embedder = Embedder(device=device)
+                embedder = Embedder(device=placement.device)
                 sims = embedder.similarity([r["answer"] for r in results], [r["reference"] for r in results])
                 for row, sim in zip(results, sims):
                     row["embedding_similarity"] = sim
@@ -484,7 +502,8 @@ def evaluate(base_model: str, adapters: list[str] | None = None, data_path: str 
         "models": names,
         "data": {"path": str(data), "source": source, "format": fmt, "num_examples": len(examples)},
         "settings": {"max_new_tokens": max_new_tokens, "limit": limit, "seed": seed, "decoding": "greedy",
-                     "device": device},
+                     "device": placement.device, "dtype": placement.dtype,
+                     "quantization": placement.quantization},
         "metrics": per_model,
         "improvement_pct": {n: improvement(per_model[BASE], per_model[n]) for n in names[1:]},
         "delta": {n: difference(per_model[BASE], per_model[n]) for n in names[1:]},

@@ -65,8 +65,14 @@ def export_model(
     overwrite: bool = False,
     name: str | None = None,
     ollama_template: str | None = None,
+    progress: Callable[..., None] | None = None,
 ) -> ExportResult:
-    """Export a LoRA adapter (merged into its base) or a full model directory; raises ExportError on user errors."""
+    """Export a LoRA adapter (merged into its base) or a full model directory; raises ExportError on user errors.
+
+    `progress(stage, done=None, total=None)` is called as the stages go (merging, converting, quantizing, writing;
+    done/total count GGUF tensors); an exception it raises stops the export and removes the partial output.
+    """
+    report = progress or (lambda stage, done=None, total=None: None)
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if quantization not in QUANTIZATIONS:
@@ -82,11 +88,11 @@ def export_model(
                           quantization=None if fmt == "merged" else quantization)
     with _staging(target, overwrite) as tmp:
         if fmt == "merged":
-            _export_merged(source, tmp, result)
+            _export_merged(source, tmp, result, report)
         else:
             precheck = _check_ollama_template if fmt == "ollama" and ollama_template is None else None
             tokenizer, config, generation_config = _export_gguf(source, tmp, quantization, model_name, result,
-                                                                precheck)
+                                                                precheck, report)
             result.gguf_file = target / GGUF_NAME
             if fmt == "ollama":
                 modelfile = build_modelfile(tokenizer, config, generation_config, template=ollama_template,
@@ -218,9 +224,10 @@ def _gguf_tokenizer_pre(model_dir: str | None) -> str | None:
 
 # --- formats -----------------------------------------------------------------------------------
 
-def _export_merged(source: _Source, tmp: Path, result: ExportResult) -> None:
+def _export_merged(source: _Source, tmp: Path, result: ExportResult, report: Callable[..., None]) -> None:
     """PEFT merge_and_unload, then safetensors + tokenizer + chat template + generation config."""
     if source.kind == "full":
+        report("writing")
         for pattern in _MODEL_COPY_GLOBS:
             for file in source.path.glob(pattern):
                 shutil.copy2(file, tmp / file.name)
@@ -232,7 +239,9 @@ def _export_merged(source: _Source, tmp: Path, result: ExportResult) -> None:
 
     resolved = _resolve(source.base_model)
     config = _load_config(resolved.path)
+    report("merging")
     model = _merged_model(source, resolved.path)
+    report("writing")
     stored = getattr(config, "dtype", None)
     if stored in (torch.bfloat16, torch.float16, "bfloat16", "float16"):
         # keep the base's storage precision; the merge itself ran in float32
@@ -249,9 +258,15 @@ def _check_ollama_template(tokenizer) -> None:
 
 
 def _export_gguf(source: _Source, tmp: Path, quantization: str, name: str, result: ExportResult,
-                 precheck: Callable[[Any], None] | None = None):
+                 precheck: Callable[[Any], None] | None = None, report: Callable[..., None] | None = None):
     """Write tmp/model.gguf from the merged adapter or the full model directory."""
     from loralab.engine import export_gguf
+
+    report = report or (lambda stage, done=None, total=None: None)
+    stage = "quantizing" if quantization == "q8_0" else "writing"
+
+    def tensors_written(done: int, total: int) -> None:
+        report(stage, done, total)
 
     def check(config, tokenizer) -> None:  # everything that can fail cheaply, before the slow part
         export_gguf.check_architecture(config)
@@ -264,12 +279,14 @@ def _export_gguf(source: _Source, tmp: Path, quantization: str, name: str, resul
         base_path = resolved.path
         tokenizer = _load_tokenizer(source, base_path)
         check(_load_config(base_path), tokenizer)
+        report("merging")
         model = _merged_model(source, base_path)
         config, generation_config = model.config, model.generation_config
         tensors = export_gguf.tensors_from_state_dict(model.state_dict())
+        report("converting")
         info = export_gguf.write_gguf(
             tmp / GGUF_NAME, config=config, tensors=tensors, tokenizer=tokenizer, quantization=quantization,
-            name=name, tokenizer_pre=_gguf_tokenizer_pre(base_path),
+            name=name, tokenizer_pre=_gguf_tokenizer_pre(base_path), progress=tensors_written,
         )
     else:
         from transformers import GenerationConfig
@@ -282,11 +299,13 @@ def _export_gguf(source: _Source, tmp: Path, quantization: str, name: str, resul
             generation_config = GenerationConfig.from_pretrained(str(source.path))
         except OSError:
             generation_config = None
+        report("converting")
         with export_gguf.tensors_from_safetensors(source.path) as tensors:
             info = export_gguf.write_gguf(
                 tmp / GGUF_NAME, config=config, tensors=tensors, tokenizer=tokenizer,
                 quantization=quantization, name=name,
                 tokenizer_pre=_gguf_tokenizer_pre(str(source.path)) or _gguf_tokenizer_pre(base_path),
+                progress=tensors_written,
             )
     result.architecture = info.architecture
     result.warnings.extend(info.warnings)

@@ -97,9 +97,12 @@ def tensors_from_safetensors(model_dir: Path) -> Iterator[TensorSource]:
 
 def write_gguf(
     path: Path, *, config, tensors: TensorSource, tokenizer, quantization: str = "f16",
-    name: str = "model", tokenizer_pre: str | None = None,
+    name: str = "model", tokenizer_pre: str | None = None, progress: Callable[[int, int], None] | None = None,
 ) -> GgufInfo:
-    """Write one GGUF file: llama.cpp metadata, tokenizer, chat template and (optionally Q8_0) tensors."""
+    """Write one GGUF file: llama.cpp metadata, tokenizer, chat template and (optionally Q8_0) tensors.
+
+    `progress(done, total)` is called after each tensor is written.
+    """
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     arch = check_architecture(config)
@@ -115,11 +118,13 @@ def write_gguf(
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for gguf_name, shape, qtype, load in plan:
+        for done, (gguf_name, shape, qtype, load) in enumerate(plan, 1):
             data = _encode(load(), qtype)
             if qtype == _Q.F16 and not np.isfinite(data).all():
                 info.warnings.append(f"{gguf_name} has values beyond the float16 range; use q8_0 or merged")
             writer.write_tensor_data(data)
+            if progress is not None:
+                progress(done, len(plan))
     finally:
         writer.close()
     return info

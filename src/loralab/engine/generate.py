@@ -46,6 +46,15 @@ def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def input_device(model):
+    """Where a model's inputs go: its input embeddings' device (the first GPU of a device map, also under PEFT and
+    4-bit loading), else its first parameter's."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
 def _encode(tokenizer, text: str, device):
     # The chat template already holds the special tokens; a raw prompt gets none added either.
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
@@ -56,7 +65,7 @@ def generate(model, tokenizer, *, messages=None, prompt=None, settings: Generate
     import torch
 
     settings = settings or GenerateSpec()
-    inputs = _encode(tokenizer, build_prompt(tokenizer, messages, prompt), model.device)
+    inputs = _encode(tokenizer, build_prompt(tokenizer, messages, prompt), input_device(model))
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     with torch.inference_mode():
@@ -74,7 +83,7 @@ def stream(model, tokenizer, *, messages=None, prompt=None, settings: GenerateSp
     from transformers import TextIteratorStreamer
 
     settings = settings or GenerateSpec()
-    inputs = _encode(tokenizer, build_prompt(tokenizer, messages, prompt), model.device)
+    inputs = _encode(tokenizer, build_prompt(tokenizer, messages, prompt), input_device(model))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     if settings.seed is not None:
         torch.manual_seed(settings.seed)

@@ -187,9 +187,12 @@ def load_tokenizer(name: "str | ResolvedModel"):
     return tokenizer
 
 
-def load_model(name: "str | ResolvedModel", dtype=None, device: str = "cpu", attn_implementation: str = "sdpa"):
+def load_model(name: "str | ResolvedModel", dtype=None, device: str = "cpu", attn_implementation: str = "sdpa",
+               placement=None):
     """Load a base causal LM (fp32 on CPU unless a dtype is given); SDPA attention by default.
 
+    `placement` (a `hardware.InferencePlacement`) overrides dtype and device: weights are loaded straight onto the
+    GPU(s) of its device map (never staged in CPU memory in fp32), in 4-bit NF4 when it says so.
     Hub kernels stay off (`use_kernels=False`; transformers >= 5.25 turns them on when the `kernels`
     package is installed): they are fetched from the hub at run time, and every train()/eval() call
     re-kernelizes the model, which puts back the stock forwards the engine replaced (engine.fastpath).
@@ -198,16 +201,85 @@ def load_model(name: "str | ResolvedModel", dtype=None, device: str = "cpu", att
     from transformers import AutoModelForCausalLM
 
     resolved = _resolved(name)
+    options: dict = {}
+    if placement is not None:
+        dtype, device = placement.torch_dtype(), placement.device
+        if placement.quantization == "4bit":
+            from transformers import BitsAndBytesConfig
+
+            # The settings QLoRA training uses (engine.distributed.load_qlora_base).
+            options["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+        if placement.device_map is not None:
+            options["device_map"] = placement.device_map
+            if placement.max_memory:
+                options["max_memory"] = dict(placement.max_memory)
     model = AutoModelForCausalLM.from_pretrained(
         resolved.path, dtype=dtype or torch.float32, attn_implementation=attn_implementation, use_kernels=False,
-        local_files_only=os.path.isdir(resolved.path),
+        local_files_only=os.path.isdir(resolved.path), **options,
     )
-    return model.to(device)
+    return model if "device_map" in options else model.to(device)
 
 
-def load_for_inference(base_model: str, adapter: str | None = None, device: str = "cpu"):
-    """Model (+ optional LoRA adapter) and tokenizer ready for generation, in eval mode."""
-    model = load_model(base_model, device=device)
+_UNQUANTIZED = ("embed", "lm_head", "norm", "wte", "wpe", "output.weight")
+
+
+def model_size(name: "str | ResolvedModel") -> "ModelSize | None":
+    """Parameter counts of a base model: from its safetensors headers (no weights read), else from its config on the
+    meta device; None when neither is local (a hub id not downloaded yet)."""
+    from loralab.engine.hardware import ModelSize
+
+    resolved = _resolved(name)
+    root = Path(resolved.path)
+    if not root.is_dir():
+        return None
+    files = sorted(root.glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        params = kept = 0
+        try:
+            for file in files:
+                with safe_open(str(file), framework="pt") as fh:
+                    for key in fh.keys():
+                        count = 1
+                        for dim in fh.get_slice(key).get_shape():
+                            count *= int(dim)
+                        params += count
+                        kept += count if any(part in key for part in _UNQUANTIZED) else 0
+        except (OSError, ValueError, RuntimeError):  # unreadable or not safetensors: fall back to the config
+            params = 0
+        if params:
+            return ModelSize(params, kept)
+    if not (root / "config.json").is_file():
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(root), local_files_only=True)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return None
+    params = sum(p.numel() for p in meta.parameters())
+    kept = sum(p.numel() for n, p in meta.named_parameters() if any(part in n for part in _UNQUANTIZED))
+    return ModelSize(int(params), int(kept))
+
+
+def inference_placement(name: "str | ResolvedModel", device: str = "auto", quantization: str | None = None,
+                        precision: str = "auto"):
+    """The placement of a model used to generate (serving, `loralab generate`, evaluation): training's hardware rule
+    applied to this model's size (`hardware.choose_inference_placement`; raises `hardware.PlacementError`)."""
+    from loralab.engine.hardware import choose_inference_placement
+
+    return choose_inference_placement(model_size(name), device=device, precision=precision, quantization=quantization)
+
+
+def load_for_inference(base_model: str, adapter: str | None = None, device: str = "cpu", placement=None):
+    """Model (+ optional LoRA adapter) and tokenizer ready for generation, in eval mode (`placement` as load_model)."""
+    model = load_model(base_model, device=device, placement=placement)
     tokenizer = load_tokenizer(base_model)
     if adapter:
         from peft import PeftModel

@@ -34,6 +34,12 @@ def execute(run_dir: Path, echo=None, install_signals: bool = True, stop: thread
         text = (run_dir / "spec.json").read_text(encoding="utf-8")
         if is_evaluation(text):
             return run_evaluation(EvalSpec.model_validate_json(text), run_dir, events, stop)
+        from loralab.engine.export_job import is_export, run_export
+
+        if is_export(text):
+            from loralab.spec import ExportSpec
+
+            return run_export(ExportSpec.model_validate_json(text), run_dir, events, stop, interrupt=install_signals)
         spec = TrainSpec.model_validate_json(text)
     except FileNotFoundError:
         events.emit("error", code="spec_missing", message=f"{run_dir / 'spec.json'} not found", param=None)
@@ -81,12 +87,10 @@ def run_evaluation(spec, run_dir: Path, events, stop: threading.Event) -> int:
     import time
 
     from loralab.engine.evaluate import EvalError, evaluate
+    from loralab.settings import get_settings
 
-    device = spec.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Placed by the rule of serving and training (evaluate.place); the started event records where it really ran.
+    quantization = get_settings().inference_quantization
     state = {"total": None, "step": 0, "started": None}
 
     def progress(event: dict) -> None:
@@ -96,8 +100,11 @@ def run_evaluation(spec, run_dir: Path, events, stop: threading.Event) -> int:
         if stage == "load":
             state["total"] = event["num_examples"] * event["num_models"]
             state["started"] = time.monotonic()
+            placement = event.get("placement") or {}
             events.emit("started", total_steps=state["total"], num_examples=event["num_examples"],
-                        num_models=event["num_models"], device=device, kind="evaluation", resumed_from_step=0)
+                        num_models=event["num_models"], device=placement.get("device"), dtype=placement.get("dtype"),
+                        quantization=placement.get("quantization"), placement=placement.get("reason"),
+                        kind="evaluation", resumed_from_step=0)
         elif stage == "generate":
             state["step"] += 1
             elapsed = time.monotonic() - (state["started"] or time.monotonic())
@@ -113,7 +120,8 @@ def run_evaluation(spec, run_dir: Path, events, stop: threading.Event) -> int:
     try:
         summary = evaluate(spec.base_model, spec.adapters, spec.data_path, run_dir, max_new_tokens=spec.max_new_tokens,
                            limit=spec.limit, judge=None if spec.judge else False, seed=spec.seed, progress=progress,
-                           device=device, embeddings=spec.embeddings, report_language=spec.report_language)
+                           device=spec.device, quantization=quantization, embeddings=spec.embeddings,
+                           report_language=spec.report_language)
     except _Stopped:
         events.emit("cancelled", step=state["step"], checkpoint=None)
         return EXIT_CANCELLED
@@ -152,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(event, ensure_ascii=False), flush=True)
 
     quiet_libraries()
+    from loralab.engine.distributed import die_with_parent, under_torchrun
+
+    if not under_torchrun():  # (ranks get SIGKILL with torchrun, in execute)
+        die_with_parent(signal.SIGTERM)  # a worker that dies takes its engine along, via a checkpoint
     return execute(Path(argv[0]), echo=echo)
 
 

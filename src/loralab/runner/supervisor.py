@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError
 
 from loralab.engine.distributed import exit_code_from_events, rendezvous_problem, uses_torchrun
+from loralab.runner.executors import EngineProcess, Executor, LocalExecutor
 from loralab.runner.queue import JobQueue
 from loralab.settings import Settings
 from loralab.store.errors import LeaseLost
@@ -48,7 +48,7 @@ ENV_NAMES = {
     "MALLOC_CONF", "XDG_CACHE_HOME", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "USE_HUB_KERNELS",
     "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-    "LORALAB_HOME", "LORALAB_ALLOCATOR",
+    "LORALAB_HOME", "LORALAB_ALLOCATOR", "LORALAB_INFERENCE_QUANTIZATION",
 }
 # ... and every name with one of these prefixes: locale, GPU runtimes, thread pools, Hugging Face (tokens excepted,
 # see HUB_TOKENS), experiment tracking (its keys are for the engine: it reports to MLflow/W&B itself).
@@ -86,6 +86,7 @@ def engine_env(spec: dict[str, Any] | None = None, settings: Settings | None = N
                     env[name] = str(getattr(settings, field))
     if settings is not None:
         env["LORALAB_HOME"] = str(settings.home)
+        env["LORALAB_INFERENCE_QUANTIZATION"] = settings.inference_quantization  # how evaluations load models
     try:
         extra = allocator_env(environ)
     except ValueError as exc:
@@ -186,11 +187,13 @@ class Supervisor:
     """Drives one attempt of one job from spawn to a final, fenced status."""
 
     def __init__(self, repo: Repo, queue: JobQueue, settings: Settings, claim: Claim,
-                 notify: Callable[[str], None] = lambda job_id: None, stop: threading.Event | None = None):
+                 notify: Callable[[str], None] = lambda job_id: None, stop: threading.Event | None = None,
+                 executor: Executor | None = None):
         self.repo, self.queue, self.settings, self.claim, self.notify = repo, queue, settings, claim, notify
+        self.executor = executor or LocalExecutor()
         self.stop = stop or threading.Event()
         self.run_dir = contain(settings.home / "runs", claim.job_id)
-        self.proc: subprocess.Popen | None = None
+        self.proc: EngineProcess | None = None
         self.last_error: dict[str, Any] | None = None
         self.done_event: dict[str, Any] | None = None
         self.shutting_down = False
@@ -262,7 +265,8 @@ class Supervisor:
                 kill_at = None
             time.sleep(self.settings.tail_seconds)
         self._store(tail.read())
-        if uses_torchrun(self.claim.spec):  # torchrun turns a rank's exit 3 into 1
+        # torchrun turns a rank's exit 3 into 1; Ray reports a stopped job without the engine's exit code
+        if uses_torchrun(self.claim.spec) or not self.proc.exact_exit_code:
             rc = exit_code_from_events(rc, self.saw)
         return self._retrying(lambda: self._outcome(rc, cancelling, self.shutting_down))
 
@@ -279,18 +283,12 @@ class Supervisor:
 
     def _spawn(self) -> None:
         cmd = engine_command(self.settings, self.run_dir, self.claim.spec)
-        with open(self.run_dir / "stdout.log", "ab") as out, open(self.run_dir / "stderr.log", "ab") as err:
-            # Own process group: cancel signals reach the engine and anything it forks (torchrun ranks).
-            self.proc = subprocess.Popen(cmd, cwd=self.run_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                         start_new_session=True, close_fds=True,
-                                         env=engine_env(self.claim.spec, self.settings))
+        self.proc = self.executor.start(cmd, self.run_dir, engine_env(self.claim.spec, self.settings),
+                                        job_id=self.claim.job_id, attempt=self.claim.attempt, spec=self.claim.spec)
 
     def _kill(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
+        if self.proc is not None:
+            self.proc.send_signal(sig)
 
     def _store(self, events: list[tuple[int, dict[str, Any]]]) -> None:
         if not events:
@@ -300,6 +298,8 @@ class Supervisor:
             if (self.shutting_down or self.timed_out) and event.get("type") == "cancelled":
                 # Stopped because this worker shuts down, not by the user: the job goes on elsewhere.
                 event["type"] = "interrupted"
+            if event.get("type") == "started":  # which worker ran this attempt (workers on several hosts)
+                event.setdefault("worker", self.claim.owner)
             self.saw.add(event.get("type"))
             if event.get("type") == "error":
                 self.last_error = event
@@ -361,7 +361,7 @@ class Supervisor:
         return self._finish("failed", error=error, event={"type": "error", **error})
 
     def _succeed(self) -> str:
-        if self.claim.spec.get("kind") == "evaluation":  # an evaluation's result is its report, not a model
+        if self.claim.spec.get("kind") in ("evaluation", "export"):  # their results are files, not a model
             return self._finish("succeeded")
         summary = self._read_summary()
         model_id = new_id("ft")

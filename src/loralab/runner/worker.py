@@ -7,6 +7,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from loralab.runner.executors import make_executor
 from loralab.runner.hub import DEFAULT_HUB
 from loralab.runner.queue import JobQueue, make_worker_id
 from loralab.runner.supervisor import Supervisor
@@ -28,18 +29,26 @@ class Worker:
         self.queue = JobQueue(self.repo, settings, self.worker_id)
         self.notify = notify or DEFAULT_HUB.publish
         self.stop = stop or threading.Event()
+        self.executor = make_executor(settings)
 
     def run_once(self) -> str | None:
         """Reap expired leases, then claim and run one job; return its final status, or None when idle."""
         for item in self.queue.reap():
             log.warning("job %s lost its worker %s: now %s", item.job_id, item.owner, item.status)
             self.notify(item.job_id)
+        problem = self.executor.unavailable()
+        if problem:  # e.g. the Ray cluster is down: leave the jobs queued rather than fail them
+            log.warning("worker %s claims no job: %s", self.worker_id, problem)
+            return None
+        if self.stop.is_set():  # shutting down: take no new job (the loop may have been past its check)
+            return None
         claim = self.queue.claim()
         if claim is None:
             return None
         log.info("worker %s runs job %s attempt %d", self.worker_id, claim.job_id, claim.attempt)
         self.notify(claim.job_id)
-        status = Supervisor(self.repo, self.queue, self.settings, claim, notify=self.notify, stop=self.stop).run()
+        status = Supervisor(self.repo, self.queue, self.settings, claim, notify=self.notify, stop=self.stop,
+                            executor=self.executor).run()
         log.info("job %s attempt %d ended: %s", claim.job_id, claim.attempt, status)
         return status
 
@@ -81,8 +90,15 @@ def serve_worker(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     db = open_database(settings.resolved_database_url(), lease_seconds=settings.lease_seconds)
     worker = Worker(db, settings)
+
+    def stop(signum, _frame) -> None:
+        # The running job's engine gets SIGTERM, checkpoints within cancel_grace_seconds and goes back to the
+        # queue ('interrupted'); another worker resumes it from that checkpoint.
+        log.info("worker %s: %s received, handing its job back", worker.worker_id, signal.Signals(signum).name)
+        worker.stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop.set())
+        signal.signal(sig, stop)
     log.info("worker %s started on %s", worker.worker_id, db.engine.url.render_as_string(hide_password=True))
     try:
         worker.run()

@@ -291,12 +291,17 @@ async def tokenizer_async(svc: Services, name: str | None, client: str | None = 
 
 def _worker_job(svc: Services, base: str, param: str) -> Callable[[], Any]:
     def job():
+        from loralab.engine.hardware import PlacementError
         from loralab.engine.models import ModelNotFoundError
         from loralab.services.inference import get_engine
 
         resolved = resolve(svc, base, param)
         try:
-            return get_engine(svc.settings.generate_cache_size).worker(resolved.path, resolved=True)
+            return get_engine(svc.settings.generate_cache_size).worker(resolved.path, resolved=True,
+                                                                       settings=svc.settings)
+        except PlacementError as exc:  # LORALAB_INFERENCE_* and this server's hardware disagree: say what to change
+            raise Invalid(f"cannot load base model {_label(svc, base)!r}: {exc}", code="placement_refused",
+                          param=param) from None
         except (ModelNotFoundError, OSError, ValueError) as exc:
             raise Invalid(f"cannot load base model {_label(svc, base)!r}: {type(exc).__name__}",
                           code="model_not_found", param=param) from None

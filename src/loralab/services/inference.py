@@ -73,12 +73,13 @@ class _Row:
         self.done = self.cancelled = False
         self._generator = None
 
-    def generator(self):
+    def generator(self, device):
+        """The row's own seeded generator, on the device its logits are on (multinomial needs them together)."""
         import torch
 
         if self._generator is None:
             seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(63)
-            self._generator = torch.Generator().manual_seed(seed)
+            self._generator = torch.Generator(device=device).manual_seed(seed)
         return self._generator
 
 
@@ -133,6 +134,19 @@ class Stream:
             row.cancelled = True
 
 
+def prompt_room(ids: list[int], vocab_size: int, context: int) -> int:
+    """Tokens left for the answer after prompt `ids`; ValueError/PromptTooLong for an empty, foreign or too long one."""
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}) for this model")
+    room = context - len(ids)
+    if room < 1:
+        raise PromptTooLong(f"the prompt has {len(ids)} tokens but this model's context holds {context}: "
+                            "shorten the messages")
+    return room
+
+
 def check_adapter(path: str) -> None:
     """Refuse a directory that is not a PEFT LoRA adapter before it reaches the worker."""
     config = Path(path) / "adapter_config.json"
@@ -168,8 +182,14 @@ class BaseWorker:
     """One loaded base model, its attached adapters and the scheduler thread that batches every request on it."""
 
     def __init__(self, key: str, model: Any, tokenizer: Any, *, max_adapters: int = MAX_ADAPTERS,
-                 max_batch: int = MAX_BATCH, window_s: float = BATCH_WINDOW_S):
+                 max_batch: int = MAX_BATCH, window_s: float = BATCH_WINDOW_S, placement: Any = None):
         self.key, self.model, self.tokenizer = key, model, tokenizer
+        self.placement = placement  # the engine.hardware.InferencePlacement it was loaded with (None: unknown)
+        # Inputs, masks, positions and fed-back tokens go where the input embeddings are (the first GPU of a
+        # device map); each KV cache layer stays on its layer's device.
+        from loralab.engine.generate import input_device
+
+        self.device = input_device(model)
         self.max_adapters, self.max_batch, self.window_s = max_adapters, max_batch, window_s
         self.peft = None  # the PeftModel wrapper, once the first adapter is attached
         self.adapters: OrderedDict[str, str] = OrderedDict()  # adapter dir -> PEFT adapter name
@@ -211,14 +231,7 @@ class BaseWorker:
         out: queue.Queue = queue.Queue()
         rows = []
         for index, (ids, sampling) in enumerate(zip(prompts, samplings, strict=True)):
-            if not ids:
-                raise ValueError("the prompt is empty: give at least one token")
-            if min(ids) < 0 or max(ids) >= self.vocab_size:
-                raise ValueError(f"token ids must lie in [0, {self.vocab_size}) for this model")
-            room = self.context - len(ids)
-            if room < 1:
-                raise PromptTooLong(f"the prompt has {len(ids)} tokens but this model's context holds {self.context}: "
-                                    "shorten the messages")
+            room = prompt_room(ids, self.vocab_size, self.context)
             rows.append(_Row(index, ids, adapter, sampling, min(sampling.max_tokens, room), out))
         unique = {tuple(r.prompt_ids) for r in rows}
         stream = Stream(rows, out, sum(len(p) for p in unique))
@@ -293,11 +306,13 @@ class BaseWorker:
         if not ready:
             return
         length = max(len(r.prompt_ids) for r in ready)
+        # Built on the CPU and copied once (one transfer, not one per row).
         ids = torch.full((len(ready), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ready), length), dtype=torch.long)
         for i, row in enumerate(ready):
             ids[i, length - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
             mask[i, length - len(row.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(ready, ids, mask, positions, cache)
@@ -308,9 +323,9 @@ class BaseWorker:
         """One step for every row: feed each row's last token, get its next one."""
         import torch
 
-        ids = torch.tensor([[row.ids[-1]] for row in self._rows])
+        ids = torch.tensor([[row.ids[-1]] for row in self._rows], device=self.device)
         positions = self._mask.sum(-1, keepdim=True)
-        self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=self._mask.dtype)], dim=1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
         logits = self._forward(self._rows, ids, self._mask, positions, self._cache)
         self._accept(self._rows, self._choose(self._rows, logits))
 
@@ -396,12 +411,13 @@ class BaseWorker:
         if not keep:
             self._rows, self._cache, self._mask = [], None, None
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self._mask.device)
         mask = self._mask[index]
         first = int(mask.any(0).nonzero()[0])
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+        for layer in self._cache.layers:  # layers of a model spread over GPUs live on different devices
+            at = index.to(layer.keys.device)
+            layer.keys = layer.keys[at, :, first:]
+            layer.values = layer.values[at, :, first:]
         self._mask = mask[:, first:]
         self._rows = [self._rows[i] for i in keep]
 
@@ -418,12 +434,13 @@ class BaseWorker:
                 continue
             scores, s = logits[i].clone(), row.sampling
             if s.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.ids)))
+                seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.ids)), device=scores.device)
                 picked = scores[seen]
                 scores[seen] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
             if (s.frequency_penalty or s.presence_penalty) and row.ids:
-                counts = torch.bincount(torch.tensor(row.ids), minlength=scores.shape[0])[: scores.shape[0]].float()
-                scores -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float()
+                counts = torch.bincount(torch.tensor(row.ids, device=scores.device),
+                                        minlength=scores.shape[0])[: scores.shape[0]].to(scores.dtype)
+                scores -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).to(scores.dtype)
             if s.temperature == 0:
                 out.append(int(scores.argmax()))
                 continue
@@ -433,7 +450,7 @@ class BaseWorker:
                 outside = sorted_probs.cumsum(-1) - sorted_probs > s.top_p  # keep the smallest set reaching top_p
                 sorted_probs[outside] = 0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            out.append(int(torch.multinomial(probs, 1, generator=row.generator())))
+            out.append(int(torch.multinomial(probs, 1, generator=row.generator(probs.device))))
         return out
 
     @staticmethod
@@ -492,9 +509,10 @@ class InferenceEngine:
                 self._workers.move_to_end(key)
             return worker
 
-    def worker(self, base: str, *, resolved: bool = False) -> BaseWorker:
+    def worker(self, base: str, *, resolved: bool = False, settings: Any = None) -> BaseWorker:
         """The worker of a base model, loading it (once, in the caller's thread) when it is not loaded.
-        `resolved=True`: `base` is already a loadable local directory (the server's policy resolved it)."""
+        `resolved=True`: `base` is already a loadable local directory (the server's policy resolved it).
+        `settings`: the server's Settings (placement: LORALAB_INFERENCE_*; default: read from the environment)."""
         from loralab.engine.models import resolve_base_model
 
         key = base if resolved else resolve_base_model(base).path
@@ -507,13 +525,19 @@ class InferenceEngine:
             with self._lock:
                 if key in self._workers:
                     return self._workers[key]
-            worker = BaseWorker(key, *_load(key), **self.worker_options)
+            model, tokenizer, placement = _load(key, settings)
+            worker = BaseWorker(key, model, tokenizer, placement=placement, **self.worker_options)
             with self._lock:
                 self._workers[key] = worker
                 self._loading.pop(key, None)
                 while len(self._workers) > self.max_bases:
                     self._workers.popitem(last=False)[1].close()
             return worker
+
+    def workers(self) -> list[BaseWorker]:
+        """The loaded workers, least recently used first (for /api/system-info)."""
+        with self._lock:
+            return list(self._workers.values())
 
     def close(self) -> None:
         with self._lock:
@@ -522,13 +546,24 @@ class InferenceEngine:
             self._workers.clear()
 
 
-def _load(key: str):
+def serving_placement(key: str, settings: Any = None):
+    """The placement of a served base model: LORALAB_INFERENCE_DEVICE / _QUANTIZATION applied to its size by
+    training's hardware rule (raises engine.hardware.PlacementError with what to change)."""
+    from loralab.engine.models import inference_placement
+    from loralab.settings import get_settings
+
+    settings = settings or get_settings()
+    return inference_placement(key, device=settings.inference_device, quantization=settings.inference_quantization)
+
+
+def _load(key: str, settings: Any = None):
     from loralab.data.template import ensure_chat_template
     from loralab.engine.models import load_model, load_tokenizer
 
-    model = load_model(key)
+    placement = serving_placement(key, settings)
+    model = load_model(key, placement=placement)
     model.eval()
-    return model, ensure_chat_template(load_tokenizer(key))
+    return model, ensure_chat_template(load_tokenizer(key)), placement
 
 
 _ENGINE: InferenceEngine | None = None
@@ -553,3 +588,10 @@ def shutdown_engine() -> None:
         if _ENGINE is not None:
             _ENGINE.close()
         _ENGINE = None
+
+
+def loaded_workers() -> list[BaseWorker]:
+    """The base models loaded for serving in this process (none when nothing was served yet)."""
+    with _ENGINE_LOCK:
+        engine = _ENGINE
+    return engine.workers() if engine is not None else []

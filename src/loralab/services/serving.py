@@ -17,7 +17,7 @@ from loralab.services.inference import (AdapterError, Completion, Piece, PromptT
                                        WorkerClosed)
 from loralab.services.jobs import check_base_model
 from loralab.spec import EMBEDDED_MODEL, GenerateSpec
-from loralab.store.errors import Invalid
+from loralab.store.errors import Invalid, LoralabError
 from loralab.store.paths import ID_PATTERNS, contain
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,154 @@ def _version_target(svc: Services, row) -> tuple[str, str | None, str]:
     return row.base_model, files, row.id  # base_model was checked when the job was created
 
 
-def _worker(svc: Services, base: str):
+# ---- which runtime serves a model (LORALAB_SERVING_RUNTIME): transformers (inference.py) or llama.cpp ----------
+
+class RuntimeFailed(LoralabError):
+    """The llama.cpp runtime could not build or start a model (details in the server log)."""
+
+    status, code = 503, "runtime_failed"
+
+
+def _model_dir(svc: Services, base: str) -> tuple[str | None, bool]:
+    """(config directory of a base value or registry path, or None; whether it is the embedded Llama)."""
+    import os
+
     from loralab.services import base_models
 
+    if base == EMBEDDED_MODEL:
+        return str(svc.settings.models_dir / EMBEDDED_MODEL), True
+    if os.path.isabs(base):
+        return (base if os.path.isdir(base) else None), False
+    local = base_models._under_models(svc.settings.models_dir, base)
+    if local is not None:
+        return (str(local) if local.is_dir() else None), False
+    if base_models.HUB_ID_RE.fullmatch(base):  # the local cache only: deciding never downloads
+        from loralab.engine.models import ModelNotFoundError, hub_snapshot
+
+        try:
+            return hub_snapshot(base, local_files_only=True).path, False
+        except (ModelNotFoundError, OSError, ValueError):
+            return None, False
+    return None, False
+
+
+_FELL_BACK: set[tuple[str, str | None]] = set()  # (base, adapter) llama.cpp failed to serve under `auto`
+
+
+def runtime_of(svc: Services, base: str, adapter: str | None = None) -> str:
+    """'llamacpp' or 'transformers': what serves this base (+ adapter) under the settings."""
+    from loralab.services import llamacpp
+
+    setting = svc.settings.serving_runtime
+    if setting == "transformers":
+        return "transformers"
+    model_dir, known = _model_dir(svc, base)
+    if setting == "auto" and (_fallback_key(model_dir or base), adapter) in _FELL_BACK:
+        return "transformers"
+    try:
+        return llamacpp.runtime_for(setting, model_dir, known_llama=known)
+    except llamacpp.RuntimeUnavailable as exc:
+        raise Invalid(str(exc), code="runtime_unavailable", param="model") from None
+
+
+def _llamacpp_job(svc: Services, base: str, adapter: str | None, param: str):
+    def job():
+        from loralab.engine.export import ExportError
+        from loralab.engine.llamacpp import LlamaCppError
+        from loralab.services import base_models, llamacpp
+
+        resolved = base_models.resolve(svc, base, param)
+        label = base_models._label(svc, base)
+        try:
+            worker = llamacpp.get_engine(svc.settings).worker(resolved.path, _llamacpp_tokenizer)
+            worker.prepare(adapter)
+            return worker
+        except AdapterError as exc:
+            raise Invalid(_shown(svc, str(exc)), code="bad_adapter", param="model") from None
+        except (LlamaCppError, ExportError, OSError) as exc:
+            log.exception("llama.cpp could not serve %s", label)
+            raise RuntimeFailed(f"llama.cpp could not serve {label!r}: {_shown(svc, str(exc))}. Set "
+                                "LORALAB_SERVING_RUNTIME=transformers to serve it with PyTorch instead",
+                                param=param) from None
+    return job
+
+
+def _llamacpp_tokenizer(key: str):
+    from loralab.data.template import ensure_chat_template
+    from loralab.engine.models import load_tokenizer
+
+    return ensure_chat_template(load_tokenizer(key))
+
+
+def _shown(svc: Services, text: str) -> str:
+    from loralab.runner.supervisor import shown_path
+
+    return shown_path(text, svc.settings.home)
+
+
+def _loaded_llamacpp(svc: Services, base: str, adapter: str | None):
+    """The llama.cpp worker of a base when its child for `adapter` runs already (no executor, no wait)."""
+    import os
+
+    from loralab.services import llamacpp
+
+    model_dir, _ = _model_dir(svc, base)
+    worker = llamacpp.get_engine(svc.settings).loaded(os.path.realpath(model_dir)) if model_dir else None
+    if worker is None:
+        worker = llamacpp.get_engine(svc.settings).loaded(model_dir) if model_dir else None
+    if worker is not None and any(k == adapter and s.alive() for k, s in worker.servers().items()):
+        return worker
+    return None
+
+
+def _worker(svc: Services, base: str, adapter: str | None = None):
+    """The worker that serves `base` (+ `adapter`) under the runtime setting, loaded on the bounded executor."""
+    from loralab.services import base_models
+
+    if runtime_of(svc, base, adapter) == "llamacpp":
+        found = _loaded_llamacpp(svc, base, adapter)
+        if found is not None:
+            return found
+        try:
+            return base_models.wait_load(svc, ("llamacpp", base, adapter),
+                                         _llamacpp_job(svc, base, adapter, "model"), "model")
+        except RuntimeFailed:
+            _fall_back(svc, base, adapter)
     return base_models.worker(svc, base)
+
+
+def _fall_back(svc: Services, base: str, adapter: str | None) -> None:
+    """Under `auto`, a model llama.cpp failed to build or start is served by transformers from now on."""
+    if svc.settings.serving_runtime != "auto":
+        raise
+    log.warning("llama.cpp could not serve %s%s; serving it with transformers", _base_label(svc, base),
+                f" + {Path(adapter).name}" if adapter else "")
+    _FELL_BACK.add((_fallback_key(_model_dir(svc, base)[0] or base), adapter))
+
+
+def _fallback_key(path: str) -> str:
+    import os
+
+    return os.path.realpath(path) if os.path.isabs(path) else path
+
+
+async def worker_async(svc: Services, target: "Target", client: str | None = None):
+    """_worker for async routes: awaited without holding a thread (per-client limit while loading)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from loralab.services import base_models
+
+    if await run_in_threadpool(runtime_of, svc, target.base, target.adapter) == "llamacpp":
+        found = await run_in_threadpool(_loaded_llamacpp, svc, target.base, target.adapter)
+        if found is not None:
+            return found
+        try:
+            with base_models.client_slot(client):
+                return await base_models.await_load(svc, ("llamacpp", target.base, target.adapter),
+                                                    _llamacpp_job(svc, target.base, target.adapter, "model"), "model")
+        except RuntimeFailed:
+            _fall_back(svc, target.base, target.adapter)
+    return await base_models.worker_async(svc, target.base, client)
 
 
 def open_stream(svc: Services, base: str, adapter: str | None, inputs: list[dict[str, Any]],
@@ -110,7 +254,7 @@ def open_stream(svc: Services, base: str, adapter: str | None, inputs: list[dict
     from jinja2 import TemplateError
 
     for attempt in range(3):
-        worker = _worker(svc, base)
+        worker = _worker(svc, base, adapter)
         prompts: list[list[int]] = []
         try:
             for item in inputs:
@@ -176,10 +320,8 @@ async def generate_text_async(svc: Services, request: GenerateRequest, subject: 
     """generate_text for async routes: the model loads on the bounded executor and no thread waits for tokens."""
     from starlette.concurrency import run_in_threadpool
 
-    from loralab.services import base_models
-
     target = await run_in_threadpool(target_of, svc, request, subject)
-    await base_models.worker_async(svc, target.base, client)
+    await worker_async(svc, target, client)
     stream, recorder = await run_in_threadpool(_open, svc, request, "api", subject, target)
     done = await stream.aresult()
     await run_in_threadpool(recorder.finish, stream, done)
@@ -194,10 +336,8 @@ async def stream_text_async(svc: Services, request: GenerateRequest, source: str
     """stream_text for async routes (iterate it with `async for piece in stream.aiter()`)."""
     from starlette.concurrency import run_in_threadpool
 
-    from loralab.services import base_models
-
     target = await run_in_threadpool(target_of, svc, request, subject)
-    await base_models.worker_async(svc, target.base, client)
+    await worker_async(svc, target, client)
     stream, recorder = await run_in_threadpool(_open, svc, request, source, subject, target)
     return await run_in_threadpool(TextStream, stream, recorder)  # records the open stream (a database write)
 
@@ -370,21 +510,36 @@ STAGES = ("production", "staging", "draft", "archived")
 
 def served_models(svc: Services) -> list[dict[str, Any]]:
     """What /v1/models lists: available base models, fine-tuned versions (ft-…), and names with a served version."""
+    runtimes: dict[str, str] = {}
+
+    def runtime(base: str) -> str:  # `runtime`: what would serve it now (llamacpp, transformers, or unavailable)
+        if base not in runtimes:
+            try:
+                runtimes[base] = runtime_of(svc, base)
+            except LoralabError:
+                runtimes[base] = "unavailable"
+        return runtimes[base]
+
+    def served_base(row) -> str:
+        return row.base_model if row.method != "full" else str(svc.settings.home / "registry" / row.id)
+
     out = [{"id": b["id"], "created": _created(svc.settings.models_dir / b["id"]), "owned_by": "loralab",
-            "root": b["id"], "parent": None, "kind": "base"} for b in registry.base_models(svc) if b["available"]]
+            "root": b["id"], "parent": None, "kind": "base", "runtime": runtime(b["id"])}
+           for b in registry.base_models(svc) if b["available"]]
     groups: dict[str, list] = {}
     for row in svc.repo.list_models():  # ordered by name, newest version first
         base = _base_label(svc, row.base_model)
         out.append({"id": row.id, "created": int(row.created_at), "owned_by": "user", "root": base,
                     "parent": base, "kind": "fine_tuned", "name": row.name, "version": row.version,
-                    "stage": row.stage, "deployed": row.deployed})
+                    "stage": row.stage, "deployed": row.deployed, "runtime": runtime(served_base(row))})
         groups.setdefault(row.name, []).append(row)
     names = {name: _named_version(rows, "") for name, rows in groups.items()}
     for name, row in names.items():
         if row is not None:
             out.append({"id": name, "created": int(row.created_at), "owned_by": "user",
                         "root": _base_label(svc, row.base_model), "parent": row.id, "kind": "deployed",
-                        "name": name, "version": row.version, "stage": row.stage, "deployed": row.deployed})
+                        "name": name, "version": row.version, "stage": row.stage, "deployed": row.deployed,
+                        "runtime": runtime(served_base(row))})
     return out
 
 

@@ -26,7 +26,30 @@ def system_info(svc: Services) -> dict[str, Any]:
         "database": svc.db.engine.dialect.name,
     }
     info.update(_torch_info())
+    info["serving"] = serving_info(svc)
     return info
+
+
+def serving_info(svc: Services) -> dict[str, Any]:
+    """How this server places models it serves: the settings, the rule's choice for this hardware (model size aside)
+    or why it cannot honour them, and the placement of each model loaded now (paths relative to LORALAB_HOME)."""
+    from loralab.engine.hardware import PlacementError, choose_inference_placement
+    from loralab.engine.report import shown_path
+    from loralab.services.inference import loaded_workers
+
+    settings = svc.settings
+    out: dict[str, Any] = {"device_setting": settings.inference_device,
+                           "quantization_setting": settings.inference_quantization}
+    try:
+        chosen = choose_inference_placement(None, device=settings.inference_device,
+                                            quantization=settings.inference_quantization)
+        out.update(device=chosen.device, dtype=chosen.dtype, quantization=chosen.quantization, error=None)
+    except PlacementError as exc:
+        out.update(device=None, dtype=None, quantization=None, error=str(exc))
+    out["loaded"] = [{"model": shown_path(worker.key, settings.home),
+                      **(placement.describe() if (placement := getattr(worker, "placement", None)) else {})}
+                     for worker in loaded_workers()]
+    return out
 
 
 def _torch_info() -> dict[str, Any]:

@@ -49,6 +49,20 @@ def model_choices(svc, lang: str = "en") -> list[tuple[str, str]]:
     return out
 
 
+def runtime_label(svc, reference: str | None, lang: str = "en") -> str:
+    """The small runtime label under a model picker: which runtime serves it (empty for A/B tests, unknown names)."""
+    from loralab.services import serving
+
+    if not reference or reference.startswith(serving.AB_PREFIX):
+        return ""
+    try:
+        target = serving.route_model(svc, reference)
+        runtime = serving.runtime_of(svc, target.base, target.adapter)
+    except LoralabError as exc:
+        return t(lang, "pg.runtime_unavailable") if exc.code == "runtime_unavailable" else ""
+    return t(lang, f"pg.runtime_{runtime}")
+
+
 def base_of(svc, reference: str | None) -> str:
     """The base model of a fine-tuned version (the reference itself for a base model)."""
     if reference and reference.startswith("ft-"):
@@ -124,11 +138,13 @@ def build(ctx) -> dict[str, Any]:
                 with gr.Column():
                     model = labels.add(gr.Dropdown([], label=t("en", "pg.model"), elem_id="pg-model"),
                                        label="pg.model")
+                    runtime_a = gr.Markdown(elem_id="pg-runtime")
                     chat_a = labels.add(gr.Chatbot(label=t("en", "pg.chat"), elem_id="pg-chat-a", height=380,
                                                    feedback_options=("Like", "Dislike")), label="pg.chat")
                 with gr.Column(visible=False) as column_b:
                     compare = labels.add(gr.Dropdown([], label=t("en", "pg.compare_model"), elem_id="pg-compare"),
                                          label="pg.compare_model")
+                    runtime_b = gr.Markdown(elem_id="pg-runtime-b")
                     chat_b = labels.add(gr.Chatbot(label=t("en", "pg.chat_b"), elem_id="pg-chat-b", height=380,
                                                    feedback_options=("Like", "Dislike")), label="pg.chat_b")
             with gr.Row():
@@ -152,7 +168,8 @@ def build(ctx) -> dict[str, Any]:
                     label=f"f.{name}", info=info)
     return {"side": side, "model": model, "compare": compare, "chat_a": chat_a, "chat_b": chat_b,
             "column_b": column_b, "prompt": prompt, "send": send, "clear": clear, "system": system_prompt,
-            "sliders": sliders, "gens_a": gr.State({}), "gens_b": gr.State({}), **fb}
+            "sliders": sliders, "gens_a": gr.State({}), "gens_b": gr.State({}), "runtime_a": runtime_a,
+            "runtime_b": runtime_b, **fb}
 
 
 def build_feedback(labels) -> dict[str, Any]:
@@ -261,6 +278,10 @@ def connect(ctx) -> None:
                        outputs=[p["fb_status"], p["fb_rating"], p["fb_better"], p["fb_comment"]], **private)
     p["model"].input(lambda m: gr.Dropdown(value=base_of(svc, m)), inputs=[p["model"]], outputs=[p["compare"]],
                      **private)
+    for picker, label in ((p["model"], p["runtime_a"]), (p["compare"], p["runtime_b"])):
+        picker.change(lambda m, lang: runtime_label(svc, m, lang), inputs=[picker, ctx.lang], outputs=[label],
+                      **private)
+        ctx.on_language.append((lambda m, lang: runtime_label(svc, m, lang), [picker, ctx.lang], [label]))
     selectors = [p["model"], p["compare"]]
     ctx.tab_items["playground"].select(refresh, inputs=[*selectors, ctx.lang], outputs=selectors, **private)
     ctx.on_language.append((refresh, [*selectors, ctx.lang], selectors))

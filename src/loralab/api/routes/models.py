@@ -1,14 +1,16 @@
-"""Models: base models and fine-tuned versions; stage, deploy, rollback, delete."""
+"""Models: base models and fine-tuned versions; stage, deploy, rollback, delete, export."""
 from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from loralab.api.deps import get_services, require_token
-from loralab.services import registry
+from loralab.services import exports, registry
 from loralab.services.context import Services
+from loralab.services.exports import ExportRequest
 
 router = APIRouter(prefix="/api/models", tags=["models"], dependencies=[Depends(require_token)])
 
@@ -58,3 +60,22 @@ def delete(model_id: str, svc: Services = Depends(get_services)) -> dict:
     """Delete a fine-tuned version and its files (409 while deployed, served by its name, or in use by an active
     evaluation, training job or A/B test)."""
     return registry.delete_model(svc, model_id)
+
+
+@router.post("/{model_id}/export", status_code=202, responses={200: {"description": "the same export is already "
+                                                                     "queued or running: that job"}})
+def export(model_id: str, body: ExportRequest, svc: Services = Depends(get_services)):
+    """Queue an export of a fine-tuned version: merged safetensors, GGUF (f16 or q8_0) or GGUF + Ollama Modelfile.
+
+    202 with the new export job; 200 with the existing one when the same model, format and quantization is queued
+    or running already. Follow it with GET /api/exports/{id} (files appear there once it succeeded).
+    """
+    view, created = exports.create_export(svc, model_id, body)
+    return JSONResponse(view, status_code=202 if created else 200)
+
+
+@router.get("/{model_id}/exports")
+def model_exports(model_id: str, status: str | None = None, limit: int = Query(50, ge=1, le=500),
+                  svc: Services = Depends(get_services)) -> list[dict]:
+    """This fine-tuned version's exports, newest first."""
+    return exports.list_exports(svc, model_id, status, limit)

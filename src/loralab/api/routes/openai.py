@@ -299,7 +299,7 @@ async def _open(svc: Services, body: _Request, request: Request, inputs: list[di
         raise LoralabError(f"prompts x n is {count * len(inputs)}; one request may ask for at most {MAX_CHOICES} "
                            "completions", code="invalid_value", param="n")
     target = await run_in_threadpool(serving.route_model, svc, body.model, _subject(body, request))
-    await base_models.worker_async(svc, target.base, base_models.client_of(request))
+    await serving.worker_async(svc, target, base_models.client_of(request))  # the runtime's worker
     stream, recorder = await run_in_threadpool(serving.open_recorded, svc, target, inputs, sampling, count)
     return stream, recorder, target
 
