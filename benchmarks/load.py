@@ -96,7 +96,8 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float) -> dict:
         if job["status"] in ("succeeded", "failed", "cancelled"):
             return job
         time.sleep(1)
-    raise SystemExit(f"job {job_id} did not finish within {timeout:.0f} s")
+    client.post(f"/api/training/jobs/{job_id}/cancel")  # the deadline ends the run: figures up to here
+    return {"status": f"unfinished after {timeout:.0f} s", "id": job_id}
 
 
 def job_tokens_per_s(client: httpx.Client, job_id: str) -> float:
@@ -108,7 +109,9 @@ def job_tokens_per_s(client: httpx.Client, job_id: str) -> float:
                 event = json.loads(line[5:])
                 if event.get("type") == "done":
                     return float(event.get("tokens_per_s") or "nan")
-    return float("nan")
+    rates = [m["tokens_per_s"] for m in client.get(f"/api/training/jobs/{job_id}/metrics").json()
+             if m.get("tokens_per_s")]  # a job stopped at the deadline: its steps' own figures
+    return sorted(rates)[len(rates) // 2] if rates else float("nan")
 
 
 class Recorder:
