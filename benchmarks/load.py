@@ -29,9 +29,10 @@ from pathlib import Path
 
 import httpx
 
+from serve import MODEL, _home  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "src" / "loralab" / "data" / "samples"
-MODEL = "smollm2-135m-instruct"
 KINDS = ("read", "upload", "sse", "generate")
 
 
@@ -39,18 +40,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _home(tmp: Path) -> Path:
-    """A fresh LORALAB_HOME whose models/ links an already converted embedded model when one exists."""
-    home = tmp / "home"
-    (home / "models").mkdir(parents=True)
-    for root in (Path(os.environ.get("LORALAB_TEST_MODELS", Path.home() / ".cache" / "loralab-test-models")),
-                 Path.home() / ".loralab" / "models"):
-        if (root / MODEL / "config.json").is_file():
-            (home / "models" / MODEL).symlink_to(root / MODEL, target_is_directory=True)
-            break
-    return home
 
 
 def start_server(home: Path, token: str) -> tuple[subprocess.Popen, str]:
