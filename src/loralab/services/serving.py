@@ -354,30 +354,36 @@ class TextStream:
         completions: list[Completion] = []
         try:
             for event in self._stream:
-                if isinstance(event, Piece):
-                    self.recorder.piece(event)
-                    yield event.text
-                else:
-                    completions.append(event)
+                text = self._take(event, completions)
+                if text is not None:
+                    yield text
             self.recorder.finish(self._stream, completions)
         finally:
-            self._stream.close()
-            self.recorder.finish(self._stream, completions, interrupted=True)  # no-op after a normal end
+            self._end(completions)
 
     async def aiter(self):
         """The text pieces for async callers (no thread waits between pieces)."""
         completions: list[Completion] = []
         try:
             async for event in self._stream.aiter():
-                if isinstance(event, Piece):
-                    self.recorder.piece(event)
-                    yield event.text
-                else:
-                    completions.append(event)
+                text = self._take(event, completions)
+                if text is not None:
+                    yield text
             self.recorder.finish(self._stream, completions)
         finally:
-            self._stream.close()
-            self.recorder.finish(self._stream, completions, interrupted=True)  # no-op after a normal end
+            self._end(completions)
+
+    def _take(self, event: Piece | Completion, completions: list[Completion]) -> str | None:
+        """Record one event of the stream; the text to hand on for a piece, None for a completion."""
+        if isinstance(event, Piece):
+            self.recorder.piece(event)
+            return event.text
+        completions.append(event)
+        return None
+
+    def _end(self, completions: list[Completion]) -> None:
+        self._stream.close()
+        self.recorder.finish(self._stream, completions, interrupted=True)  # no-op after a normal end
 
     def cancel(self) -> None:
         """Stop generating and record what was sent (the client went away before or while reading)."""
